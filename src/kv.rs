@@ -1,0 +1,129 @@
+//! Key/value cache for one group of decoder layers, appended in place.
+//!
+//! Each layer owns two buffers in sequence-major layout `[capacity, kv_heads, head_dim]`. The first `len` positions
+//! are one contiguous slice, handed to ONNX Runtime as the `past` input without a copy; the graph returns only the new
+//! positions, which are copied into the free tail of the buffer. Nothing proportional to the whole cache is copied
+//! per token (the buffers grow by doubling when a request outruns its reservation, amortised).
+
+use crate::error::{Error, Result};
+
+/// The cache of a contiguous range of decoder layers.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    first_layer: usize,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    row: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// An empty cache for layers `first_layer..first_layer + num_layers`, reserving `capacity` positions.
+    pub fn new(first_layer: usize, num_layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
+        let row = kv_heads * head_dim;
+        KvCache {
+            first_layer,
+            keys: (0..num_layers).map(|_| vec![0.0; capacity * row]).collect(),
+            values: (0..num_layers).map(|_| vec![0.0; capacity * row]).collect(),
+            row,
+            kv_heads,
+            head_dim,
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Global index of the first layer.
+    pub fn first_layer(&self) -> usize {
+        self.first_layer
+    }
+
+    /// Shape of one layer's past tensor: `[1, len, kv_heads, head_dim]`.
+    pub fn past_shape(&self) -> [usize; 4] {
+        [1, self.len, self.kv_heads, self.head_dim]
+    }
+
+    /// The held keys and values of local layer `i` (contiguous prefix of the buffers).
+    pub fn past(&self, i: usize) -> (&[f32], &[f32]) {
+        let n = self.len * self.row;
+        (&self.keys[i][..n], &self.values[i][..n])
+    }
+
+    /// Bytes used by the held positions (keys and values, all layers).
+    pub fn bytes_used(&self) -> usize {
+        2 * self.keys.len() * self.len * self.row * std::mem::size_of::<f32>()
+    }
+
+    /// Appends `new` positions to every layer: `keys[i]` and `values[i]` hold `[new, kv_heads, head_dim]`.
+    pub fn append(&mut self, new: usize, keys: &[&[f32]], values: &[&[f32]]) -> Result<()> {
+        let n = new * self.row;
+        if keys.len() != self.keys.len() || values.len() != self.values.len() {
+            return Err(Error::Shape {
+                what: "kv append".into(),
+                message: format!("{} layers given, cache has {}", keys.len(), self.keys.len()),
+            });
+        }
+        if let Some(bad) = keys.iter().chain(values).find(|s| s.len() != n) {
+            return Err(Error::Shape {
+                what: "kv append".into(),
+                message: format!("{} elements for {new} positions of {} values each", bad.len(), self.row),
+            });
+        }
+        if self.len + new > self.capacity {
+            let cap = (self.len + new).max(self.capacity * 2);
+            for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+                buf.resize(cap * self.row, 0.0);
+            }
+            self.capacity = cap;
+        }
+        let start = self.len * self.row;
+        for (buf, src) in self.keys.iter_mut().zip(keys) {
+            buf[start..start + n].copy_from_slice(src);
+        }
+        for (buf, src) in self.values.iter_mut().zip(values) {
+            buf[start..start + n].copy_from_slice(src);
+        }
+        self.len += new;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_keeps_prefix_and_grows_in_place() {
+        let mut kv = KvCache::new(3, 2, 1, 2, 2);
+        kv.append(1, &[&[1.0, 2.0], &[3.0, 4.0]], &[&[5.0, 6.0], &[7.0, 8.0]]).expect("append");
+        let ptr = kv.past(0).0.as_ptr();
+        kv.append(1, &[&[9.0, 10.0], &[11.0, 12.0]], &[&[0.0, 0.0], &[1.0, 1.0]]).expect("append");
+        assert_eq!(kv.past(0).0, &[1.0, 2.0, 9.0, 10.0]);
+        assert_eq!(kv.past(1).1, &[7.0, 8.0, 1.0, 1.0]);
+        assert_eq!(kv.past(0).0.as_ptr(), ptr, "append within capacity must not reallocate");
+        kv.append(3, &[&[0.5; 6], &[0.5; 6]], &[&[0.5; 6], &[0.5; 6]]).expect("grow");
+        assert_eq!(kv.len(), 5);
+        assert_eq!(&kv.past(1).0[..4], &[3.0, 4.0, 11.0, 12.0]);
+        assert_eq!(kv.past_shape(), [1, 5, 1, 2]);
+        assert_eq!(kv.bytes_used(), 2 * 2 * 5 * 2 * 4);
+        assert!(kv.append(1, &[&[1.0]], &[&[1.0]]).is_err());
+    }
+}

@@ -1,0 +1,392 @@
+//! `manifest.json`: the typed description of a model directory (see docs/model-format.md).
+//!
+//! Loading parses and checks everything that can be checked without ONNX Runtime; `runtime.rs` then checks the
+//! sessions' declared inputs and outputs against it. Every error names the manifest and the field.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::boxes::BoxFormat;
+use crate::error::{Error, Result};
+use crate::image::ImageConfig;
+
+/// The manifest format this runtime reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A parsed and validated `manifest.json`, plus the directory it came from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version; must equal [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Model id (the directory name under `models/` by convention).
+    pub id: String,
+    /// Model family; only `llava` is defined.
+    pub architecture: String,
+    /// Where the export came from (free-form, informative).
+    #[serde(default)]
+    pub source: serde_json::Value,
+    /// Image preprocessing.
+    pub image: ImageConfig,
+    /// Vision tower graph.
+    pub vision: VisionSpec,
+    /// Projector graph.
+    pub projector: ProjectorSpec,
+    /// Token-embedding table.
+    pub embeddings: EmbeddingSpec,
+    /// Split decoder.
+    pub decoder: DecoderSpec,
+    /// Tokenizer and special tokens.
+    pub tokenizer: TokenizerSpec,
+    /// Prompt layout rendered from the chat template.
+    pub prompt: PromptSpec,
+    /// How box answers are written.
+    pub box_format: BoxFormat,
+    /// Quantisation report written by the exporter (informative).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<serde_json::Value>,
+    /// The directory holding the model files (not part of the JSON).
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+/// The vision tower graph and its Stage-1 signals.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VisionSpec {
+    /// Graph the runtime loads.
+    pub file: String,
+    /// Unquantised reference graph.
+    #[serde(default)]
+    pub fp32_file: Option<String>,
+    /// Pixel input name, f32 [1, 3, H, W].
+    pub input: String,
+    /// Pre-projector features output, f32 [1, N, D].
+    pub features_output: String,
+    /// CLS attention metric output, f32 [1, N]; absent for towers without CLS.
+    #[serde(default)]
+    pub cls_attention_output: Option<String>,
+    /// Similarity features output, f32 [1, N, D].
+    pub similarity_output: String,
+    /// Patch side in pixels.
+    pub patch_size: usize,
+    /// Patch rows.
+    pub grid_h: usize,
+    /// Patch columns.
+    pub grid_w: usize,
+    /// Feature width D.
+    pub hidden_size: usize,
+    /// Transformer layers in the tower.
+    pub num_layers: usize,
+    /// Whether the tower has a CLS token.
+    pub has_cls: bool,
+    /// Hugging Face hidden_states index of the features.
+    pub feature_layer: i64,
+    /// Hugging Face attentions index of the metric.
+    pub metric_layer: i64,
+    /// Number of trailing hidden states averaged for similarity.
+    pub similarity_layers: usize,
+}
+
+impl VisionSpec {
+    /// Number of visual tokens the tower produces.
+    pub fn num_tokens(&self) -> usize {
+        self.grid_h * self.grid_w
+    }
+}
+
+/// The projector graph.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProjectorSpec {
+    /// Graph file.
+    pub file: String,
+    /// Input name, f32 [1, M, vision hidden].
+    pub input: String,
+    /// Output name, f32 [1, M, decoder hidden].
+    pub output: String,
+}
+
+/// Element type of the embedding table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingDtype {
+    /// IEEE half precision.
+    F16,
+    /// IEEE single precision.
+    F32,
+}
+
+impl EmbeddingDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            EmbeddingDtype::F16 => 2,
+            EmbeddingDtype::F32 => 4,
+        }
+    }
+}
+
+/// Where the token-embedding table lies (memory-mapped, row-major [rows, cols]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EmbeddingSpec {
+    /// File holding the table.
+    pub file: String,
+    /// Byte offset of row 0.
+    #[serde(default)]
+    pub offset: u64,
+    /// Element type.
+    pub dtype: EmbeddingDtype,
+    /// Vocabulary rows.
+    pub rows: usize,
+    /// Hidden columns.
+    pub cols: usize,
+}
+
+/// The decoder, split at `split_layer` into a head and a tail graph.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecoderSpec {
+    /// Total decoder layers N.
+    pub num_layers: usize,
+    /// First layer of the tail, K (head = [0, K), tail = [K, N)).
+    pub split_layer: usize,
+    /// Hidden width.
+    pub hidden_size: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads.
+    pub num_key_value_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Vocabulary size (logits width).
+    pub vocab_size: usize,
+    /// Longest sequence of positions the model supports.
+    pub max_position_embeddings: usize,
+    /// KV element type; only `f32` is defined.
+    #[serde(default = "default_kv_dtype")]
+    pub kv_dtype: String,
+    /// Head graph.
+    pub head: DecoderHeadSpec,
+    /// Tail graph.
+    pub tail: DecoderTailSpec,
+}
+
+fn default_kv_dtype() -> String {
+    "f32".into()
+}
+
+/// Tensor names of the decoder head graph.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecoderHeadSpec {
+    /// Graph file.
+    pub file: String,
+    /// Input embeddings, f32 [1, S, hidden].
+    pub inputs_embeds: String,
+    /// Position ids, i64 [1, S].
+    pub position_ids: String,
+    /// Past keys, `%d` = global layer index.
+    pub past_key: String,
+    /// Past values, `%d` = global layer index.
+    pub past_value: String,
+    /// Hidden states output.
+    pub hidden_states: String,
+    /// New keys output, `%d` = global layer index.
+    pub new_key: String,
+    /// New values output, `%d` = global layer index.
+    pub new_value: String,
+    /// Stage-2 signal output, f32 [1, P + S].
+    pub attention_row: String,
+}
+
+/// Tensor names of the decoder tail graph.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecoderTailSpec {
+    /// Graph file.
+    pub file: String,
+    /// Hidden states input.
+    pub hidden_states: String,
+    /// Position ids, i64 [1, S].
+    pub position_ids: String,
+    /// Past keys, `%d` = global layer index.
+    pub past_key: String,
+    /// Past values, `%d` = global layer index.
+    pub past_value: String,
+    /// Last-position logits output, f32 [1, vocab].
+    pub logits: String,
+    /// New keys output, `%d` = global layer index.
+    pub new_key: String,
+    /// New values output, `%d` = global layer index.
+    pub new_value: String,
+}
+
+/// Tokenizer file and special tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenizerSpec {
+    /// tokenizer.json file.
+    pub file: String,
+    /// Beginning-of-sequence id, if the model uses one.
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// Ids that end generation.
+    pub eos_token_ids: Vec<u32>,
+    /// Padding id (informative).
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    /// Text of the image placeholder token.
+    pub image_token: String,
+    /// Id of the image placeholder token.
+    pub image_token_id: u32,
+}
+
+/// Prompt layout rendered from the chat template.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromptSpec {
+    /// Template with exactly one `{image}` and one `{prompt}`.
+    pub template: String,
+    /// Whether to prepend the BOS id.
+    pub add_bos: bool,
+}
+
+/// Formats `%d` in a per-layer tensor name template.
+pub fn layer_name(template: &str, layer: usize) -> String {
+    template.replacen("%d", &layer.to_string(), 1)
+}
+
+impl Manifest {
+    /// Reads and validates `<dir>/manifest.json`.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let path = dir.join("manifest.json");
+        if !dir.is_dir() {
+            return Err(Error::ModelFile { path: dir.to_path_buf(), message: "model directory does not exist".into() });
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let mut manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| Error::Manifest { path: path.clone(), message: e.to_string() })?;
+        manifest.dir = dir.to_path_buf();
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Path of the manifest file.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join("manifest.json")
+    }
+
+    /// Resolves a file named in the manifest against the model directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn err(&self, message: impl Into<String>) -> Error {
+        Error::Manifest { path: self.path(), message: message.into() }
+    }
+
+    /// Checks the manifest's internal consistency (files and sessions are checked at load).
+    pub fn validate(&self) -> Result<()> {
+        let check = |ok: bool, message: String| if ok { Ok(()) } else { Err(self.err(message)) };
+        check(
+            self.format_version == FORMAT_VERSION,
+            format!("format_version is {}, this runtime reads {FORMAT_VERSION}", self.format_version),
+        )?;
+        check(self.architecture == "llava", format!("architecture {:?} is not supported (only \"llava\")", self.architecture))?;
+
+        let im = &self.image;
+        let v = &self.vision;
+        check(v.patch_size > 0 && v.grid_h > 0 && v.grid_w > 0, "vision.patch_size, grid_h and grid_w must be positive".into())?;
+        check(
+            im.height as usize == v.grid_h * v.patch_size && im.width as usize == v.grid_w * v.patch_size,
+            format!(
+                "image is {}x{} (height x width) but vision grid {}x{} of {} px patches needs {}x{}",
+                im.height,
+                im.width,
+                v.grid_h,
+                v.grid_w,
+                v.patch_size,
+                v.grid_h * v.patch_size,
+                v.grid_w * v.patch_size
+            ),
+        )?;
+        check(v.hidden_size > 0, "vision.hidden_size must be positive".into())?;
+        check(
+            im.std.iter().all(|s| s.is_finite() && *s != 0.0) && im.mean.iter().all(|m| m.is_finite()),
+            "image.std must be finite and non-zero, image.mean finite".into(),
+        )?;
+        check(im.rescale.is_finite() && im.rescale > 0.0, format!("image.rescale must be positive, got {}", im.rescale))?;
+        check(
+            v.cls_attention_output.is_some() == v.has_cls,
+            "vision.cls_attention_output must be given exactly when vision.has_cls is true".into(),
+        )?;
+
+        let d = &self.decoder;
+        check(d.num_layers >= 2, format!("decoder.num_layers must be at least 2, got {}", d.num_layers))?;
+        check(
+            d.split_layer >= 1 && d.split_layer < d.num_layers,
+            format!("decoder.split_layer {} must lie in [1, {})", d.split_layer, d.num_layers),
+        )?;
+        check(
+            d.num_key_value_heads > 0 && d.num_attention_heads % d.num_key_value_heads == 0,
+            format!(
+                "decoder.num_attention_heads {} must be a multiple of num_key_value_heads {}",
+                d.num_attention_heads, d.num_key_value_heads
+            ),
+        )?;
+        check(d.head_dim > 0 && d.hidden_size > 0 && d.vocab_size > 0, "decoder dimensions must be positive".into())?;
+        check(d.kv_dtype == "f32", format!("decoder.kv_dtype {:?} is not supported (only \"f32\")", d.kv_dtype))?;
+        check(d.max_position_embeddings > v.num_tokens(), "decoder.max_position_embeddings is shorter than one image".into())?;
+        for (field, name) in [
+            ("decoder.head.past_key", &d.head.past_key),
+            ("decoder.head.past_value", &d.head.past_value),
+            ("decoder.head.new_key", &d.head.new_key),
+            ("decoder.head.new_value", &d.head.new_value),
+            ("decoder.tail.past_key", &d.tail.past_key),
+            ("decoder.tail.past_value", &d.tail.past_value),
+            ("decoder.tail.new_key", &d.tail.new_key),
+            ("decoder.tail.new_value", &d.tail.new_value),
+        ] {
+            check(name.matches("%d").count() == 1, format!("{field} {name:?} must contain %d exactly once"))?;
+        }
+
+        let e = &self.embeddings;
+        check(
+            e.cols == d.hidden_size,
+            format!("embeddings.cols {} differs from decoder.hidden_size {}", e.cols, d.hidden_size),
+        )?;
+        check(
+            e.rows >= d.vocab_size,
+            format!("embeddings.rows {} is smaller than decoder.vocab_size {}", e.rows, d.vocab_size),
+        )?;
+
+        let t = &self.tokenizer;
+        let vocab = d.vocab_size as u64;
+        for (field, id) in t
+            .bos_token_id
+            .iter()
+            .map(|&id| ("tokenizer.bos_token_id", id))
+            .chain(t.eos_token_ids.iter().map(|&id| ("tokenizer.eos_token_ids", id)))
+            .chain(std::iter::once(("tokenizer.image_token_id", t.image_token_id)))
+        {
+            check(u64::from(id) < vocab, format!("{field} {id} is outside the vocabulary ({vocab})"))?;
+        }
+        check(!t.eos_token_ids.is_empty(), "tokenizer.eos_token_ids is empty".into())?;
+        check(!t.image_token.is_empty(), "tokenizer.image_token is empty".into())?;
+        check(
+            !self.prompt.add_bos || t.bos_token_id.is_some(),
+            "prompt.add_bos is true but tokenizer.bos_token_id is null".into(),
+        )?;
+        let p = &self.prompt.template;
+        check(
+            p.matches("{image}").count() == 1 && p.matches("{prompt}").count() == 1,
+            format!("prompt.template {p:?} must contain {{image}} and {{prompt}} exactly once"),
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_names_are_global() {
+        assert_eq!(layer_name("past_key.%d", 17), "past_key.17");
+    }
+}

@@ -1,0 +1,98 @@
+//! Prompt layout: the chat template rendered with one placeholder per kept visual token, tokenised whole, and the
+//! position id of every token under the "nothing was pruned" convention.
+
+use std::ops::Range;
+
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+
+/// A tokenised prompt with its image span and positions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLayout {
+    /// Token ids (image placeholders included).
+    pub ids: Vec<u32>,
+    /// Position id of every token.
+    pub positions: Vec<i64>,
+    /// Where the visual tokens sit in `ids`.
+    pub image_span: Range<usize>,
+    /// Position of the first generated token: the unpruned prompt length.
+    pub next_position: i64,
+}
+
+impl PromptLayout {
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the layout has no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// Lays out `prompt` around the visual tokens at raster indices `visual` (sorted) of an image of `total_visual` tokens.
+///
+/// Visual token k gets position `image_start + visual[k]`; text after the image continues at
+/// `image_start + total_visual`, as if no visual token had been pruned.
+pub fn layout(tokenizer: &Tokenizer, m: &Manifest, prompt: &str, visual: &[usize], total_visual: usize) -> Result<PromptLayout> {
+    if prompt.trim().is_empty() {
+        return Err(Error::InvalidRequest("the prompt is empty".into()));
+    }
+    let image_token = &m.tokenizer.image_token;
+    if prompt.contains(image_token.as_str()) {
+        return Err(Error::InvalidRequest(format!(
+            "the prompt contains the image placeholder {image_token:?}; the runtime inserts it itself"
+        )));
+    }
+    if visual.is_empty() || visual.windows(2).any(|w| w[0] >= w[1]) || visual.last().is_some_and(|&l| l >= total_visual) {
+        return Err(Error::InvalidRequest(format!(
+            "visual token indices must be non-empty, strictly increasing and below {total_visual}"
+        )));
+    }
+    let template = &m.prompt.template;
+    let (before_image, rest) = template.split_once("{image}").ok_or_else(|| Error::Manifest {
+        path: m.path(),
+        message: "prompt.template has no {image}".into(),
+    })?;
+    let mut text = String::with_capacity(template.len() + prompt.len() + image_token.len() * visual.len());
+    text.push_str(&before_image.replace("{prompt}", prompt));
+    for _ in 0..visual.len() {
+        text.push_str(image_token);
+    }
+    text.push_str(&rest.replace("{prompt}", prompt));
+
+    let encoding = tokenizer.encode(text.as_str(), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let mut ids: Vec<u32> = Vec::with_capacity(encoding.len() + 1);
+    if m.prompt.add_bos {
+        ids.extend(m.tokenizer.bos_token_id);
+    }
+    ids.extend_from_slice(encoding.get_ids());
+
+    let image_id = m.tokenizer.image_token_id;
+    let start = ids.iter().position(|&t| t == image_id).ok_or_else(|| {
+        Error::Tokenizer(format!("the tokenizer did not produce the image token id {image_id} for {image_token:?}"))
+    })?;
+    let span = start..start + visual.len();
+    let count = ids.iter().filter(|&&t| t == image_id).count();
+    if count != visual.len() || ids.get(span.clone()).is_none_or(|s| s.iter().any(|&t| t != image_id)) {
+        return Err(Error::Tokenizer(format!(
+            "expected {} contiguous image tokens, the tokenizer produced {count}",
+            visual.len()
+        )));
+    }
+    let vocab = m.decoder.vocab_size as u32;
+    if let Some(&bad) = ids.iter().find(|&&t| t >= vocab) {
+        return Err(Error::Tokenizer(format!("token id {bad} is outside the model vocabulary ({vocab})")));
+    }
+
+    let mut positions = Vec::with_capacity(ids.len());
+    positions.extend((0..start).map(|i| i as i64));
+    positions.extend(visual.iter().map(|&r| (start + r) as i64));
+    let after = (start + total_visual) as i64;
+    positions.extend((0..ids.len() - span.end).map(|j| after + j as i64));
+    let next_position = after + (ids.len() - span.end) as i64;
+    Ok(PromptLayout { ids, positions, image_span: span, next_position })
+}
