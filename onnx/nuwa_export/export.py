@@ -1,0 +1,172 @@
+"""torch -> ONNX for each graph of the model directory, plus the embedding table and quantisation.
+
+The TorchScript-based exporter (dynamo=False) is used: on these thin wrappers it produces small, clean graphs with
+named dynamic axes, in a few seconds, and handles the zero-length past (P = 0) without specialising on it.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from .decoder import DecoderHead, DecoderTail, io_names
+from .vision import ProjectorWrapper, VisionWrapper
+
+OPSET = 17
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic_axes: dict, external: bool) -> None:
+    """Export with the legacy exporter, then re-save (optionally with all weights in `<file>.data`)."""
+    module.eval()
+    tmp = path.with_suffix(".tmp.onnx")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(tmp), input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    model = onnx.load(str(tmp), load_external_data=True)
+    for f in tmp.parent.glob(tmp.name + "*"):
+        f.unlink()
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
+
+
+def export_vision(wrapper: VisionWrapper, height: int, width: int, path: Path, external: bool) -> None:
+    x = torch.zeros(1, 3, height, width)
+    _export(wrapper, (x,), path, ["pixel_values"], ["features", "cls_attention", "similarity"], {}, external)
+
+
+def export_projector(projector: torch.nn.Module, vision_hidden: int, path: Path, external: bool) -> None:
+    x = torch.zeros(1, 7, vision_hidden)
+    _export(ProjectorWrapper(projector), (x,), path, ["image_features"], ["image_embeds"],
+            {"image_features": {1: "M"}, "image_embeds": {1: "M"}}, external)
+
+
+def _decoder_sample(cfg, n_layers: int, s: int = 3, p: int = 2):
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    h = torch.randn(1, s, cfg.hidden_size)
+    pos = torch.arange(p, p + s).unsqueeze(0)
+    past = [torch.randn(1, p, cfg.num_key_value_heads, hd) for _ in range(2 * n_layers)]
+    return h, pos, past
+
+
+def _decoder_axes(inputs: list[str], outputs: list[str]) -> dict:
+    axes = {}
+    for n in inputs:
+        axes[n] = {1: "P"} if n.startswith("past_") else {1: "S"}
+    for n in outputs:
+        if n.startswith("new_") or n == "hidden_states":
+            axes[n] = {1: "S"}
+        elif n == "attention_row":
+            axes[n] = {1: "T"}
+    return axes
+
+
+def _lm_head_as_gemm(path: Path, weight: np.ndarray, external: bool) -> None:
+    """The exporter constant-folds lm_head's weight into a transposed [hidden, vocab] MatMul initializer. Rewrite
+    that node as Gemm(x, W, transB=1) over the original [vocab, hidden] weight named `lm_head.weight`, so the table
+    is stored row-major [vocab, hidden] (shareable with the token embedding when tied)."""
+    model = onnx.load(str(path), load_external_data=True)
+    inits = {i.name: i for i in model.graph.initializer}
+    wt = weight.T
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        init = inits[node.input[1]]
+        if tuple(init.dims) != wt.shape or not np.array_equal(numpy_helper.to_array(init), wt):
+            continue
+        model.graph.initializer.remove(init)
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight, np.float32),
+                                                               "lm_head.weight"))
+        node.op_type = "Gemm"
+        node.input[1] = "lm_head.weight"
+        node.attribute.append(onnx.helper.make_attribute("transB", 1))
+        break
+    else:
+        raise RuntimeError("lm_head MatMul not found in the tail graph")
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
+
+
+def export_decoder(language_model, lm_head, split: int, head_path: Path, tail_path: Path,
+                   external_head: bool, external_tail: bool) -> None:
+    cfg = language_model.config
+    n = cfg.num_hidden_layers
+    head = DecoderHead(language_model, split)
+    h, pos, past = _decoder_sample(cfg, split)
+    ins, outs = io_names(0, split, head=True)
+    _export(head, (h, pos, *past), head_path, ins, outs, _decoder_axes(ins, outs), external_head)
+    tail = DecoderTail(language_model, lm_head, split)
+    h, pos, past = _decoder_sample(cfg, n - split)
+    ins, outs = io_names(split, n, head=False)
+    _export(tail, (h, pos, *past), tail_path, ins, outs, _decoder_axes(ins, outs), external_tail)
+    if lm_head.bias is None:
+        _lm_head_as_gemm(tail_path, lm_head.weight.detach().numpy(), external_tail)
+
+
+def find_shared_embedding(tail_path: Path, table: np.ndarray) -> dict | None:
+    """If the tail keeps an fp32 initializer byte-identical to the [vocab, hidden] embedding table in its external
+    data file, return the manifest `embeddings` entry pointing at it (file, byte offset, f32); else None."""
+    model = onnx.load(str(tail_path), load_external_data=False)
+    for init in model.graph.initializer:
+        if tuple(init.dims) != table.shape or init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        ext = {e.key: e.value for e in init.external_data}
+        offset, length = int(ext.get("offset", 0)), int(ext["length"])
+        data_file = tail_path.parent / ext["location"]
+        raw = np.fromfile(data_file, dtype="<f4", count=length // 4, offset=offset)
+        if raw.size == table.size and np.array_equal(raw.reshape(table.shape), table.astype(np.float32)):
+            return {"file": ext["location"], "offset": offset, "dtype": "f32",
+                    "rows": int(table.shape[0]), "cols": int(table.shape[1]), "shared_with": init.name}
+    return None
+
+
+def write_f16_table(table: np.ndarray, path: Path) -> dict:
+    table.astype("<f2").tofile(path)
+    return {"file": path.name, "offset": 0, "dtype": "f16", "rows": int(table.shape[0]), "cols": int(table.shape[1])}
+
+
+def quantize_vision_int8(src: Path, dst: Path) -> None:
+    """Dynamic (weight int8 per-channel, activations quantised at run time) quantisation of the vision graph."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8)
+
+
+def quantize_decoder_nbits(src: Path, dst: Path, bits: int, keep_fp32: list[str]) -> None:
+    """Weight-only MatMulNBits quantisation (block 128, symmetric). Nodes in keep_fp32 are excluded."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    model = onnx.load(str(src), load_external_data=True)
+    cfg = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, bits=bits)
+    q = MatMulNBitsQuantizer(model, block_size=128, is_symmetric=True, nodes_to_exclude=keep_fp32, algo_config=cfg)
+    q.process()
+    data = dst.with_name(dst.name + ".data")
+    if data.exists():
+        data.unlink()
+    q.model.save_model_to_file(str(dst), use_external_data_format=True)
+
+
+def file_size(path: Path) -> int:
+    return os.path.getsize(path) if path.exists() else 0
