@@ -165,8 +165,16 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage> {
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::Image(format!("cannot read image data: {e}")))?;
-    if reader.format().is_none() {
-        return Err(Error::Image("unrecognised image format (PNG and JPEG are supported)".into()));
+    let format = reader.format().ok_or_else(|| Error::Image("unrecognised image format (PNG and JPEG are supported)".into()))?;
+    // The header alone gives the size: reject bombs before any decoder state or pixel buffer exists.
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| image_error("cannot decode image header", e))?;
+    limits.check(width, height)?;
+    if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(Error::Image(format!(
+            "JPEG data ({width}x{height} px) is truncated: no end-of-image marker after the last scan"
+        )));
     }
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_side);
@@ -195,6 +203,18 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage> {
         decoded.apply_orientation(orientation);
     }
     Ok(decoded.into_rgb8())
+}
+
+/// Whether a JPEG stream has an end-of-image marker after its last start-of-scan marker.
+///
+/// Decoders fill a truncated scan with grey and report success, which would be a silent wrong answer. Entropy-coded
+/// data cannot contain 0xFFD9 (0xFF is byte-stuffed), and an EXIF thumbnail's markers all come before the main scans.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    match last_sos {
+        Some(at) => bytes[at..].windows(2).any(|w| w == [0xFF, 0xD9]),
+        None => false,
+    }
 }
 
 fn image_error(context: &str, e: image::ImageError) -> Error {
@@ -422,6 +442,19 @@ fn normalise(img: &RgbImage, config: &ImageConfig) -> Array4<f32> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn truncated_jpeg_is_rejected_not_filled_with_grey() {
+        let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
+        let mut jpg = Vec::new();
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut std::io::Cursor::new(&mut jpg), image::ImageFormat::Jpeg)
+            .expect("encode");
+        assert!(decode_image(&jpg, &ImageLimits::default()).is_ok());
+        let err = decode_image(&jpg[..jpg.len() * 2 / 3], &ImageLimits::default()).expect_err("truncated");
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
     use super::*;
 
     #[allow(clippy::excessive_precision)] // CLIP's published constants, verbatim
@@ -542,7 +575,7 @@ mod tests {
     fn rejects_decompression_bomb_from_header() {
         let limits = ImageLimits::default();
         let e = decode_image(&bomb_png(20000, 20000), &limits).unwrap_err();
-        assert!(e.to_string().contains("over the limits"), "{e}");
+        assert!(e.to_string().contains("20000x20000"), "{e}");
         // Within max_side but over max_pixels: caught by our own header check.
         let e = decode_image(&bomb_png(16000, 16000), &limits).unwrap_err();
         assert!(e.to_string().contains("pixels"), "{e}");
