@@ -1,0 +1,89 @@
+//! Decode-speed measurement at a chosen context length, shared by `nuwa bench` and `cargo bench`.
+
+use std::time::Instant;
+
+use ndarray::Array2;
+use serde::Serialize;
+
+use crate::decoder::HalfOutput;
+use crate::error::{Error, Result};
+use crate::pipeline::Model;
+use crate::sampler::argmax;
+
+/// Decode timings at one context length.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeBench {
+    /// Positions in the KV cache before the timed steps.
+    pub context: usize,
+    /// Timed decode steps.
+    pub steps: usize,
+    /// Prefill of the context (head + tail).
+    pub prefill_ms: f64,
+    /// Median time of one decode step (head + tail + sampling).
+    pub median_ms_per_token: f64,
+    /// Mean time of one decode step.
+    pub mean_ms_per_token: f64,
+    /// Fastest step.
+    pub min_ms_per_token: f64,
+    /// KV bytes held after the run, all layers.
+    pub kv_bytes: usize,
+}
+
+impl Model {
+    /// Prefills `context` text positions (token ids cycling through the vocabulary) and times `steps` greedy decode
+    /// steps after it. The cache is appended in place, so a step's cost grows only with attention over the context.
+    pub fn bench_decode(&self, context: usize, steps: usize) -> Result<DecodeBench> {
+        let d = &self.manifest().decoder;
+        if context == 0 || steps == 0 || context + steps >= d.max_position_embeddings {
+            return Err(Error::InvalidRequest(format!(
+                "context {context} + steps {steps} must be positive and below max_position_embeddings {}",
+                d.max_position_embeddings
+            )));
+        }
+        let (head, tail) = self.halves();
+        let vocab = d.vocab_size as u32;
+        let ids: Vec<u32> = (0..context as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+        let positions: Vec<i64> = (0..context as i64).collect();
+        let mut embeds = Array2::<f32>::zeros((context, d.hidden_size));
+        self.embeddings().gather_into(&ids, embeds.view_mut())?;
+        let mut head_kv = head.new_cache(context + steps);
+        let mut tail_kv = tail.new_cache(context + steps);
+        let t = Instant::now();
+        let HalfOutput::Head { hidden, .. } = head.run(embeds.view(), &positions, &mut head_kv)? else {
+            return Err(Error::Session { stage: "decoder head", message: "unexpected output".into() });
+        };
+        let HalfOutput::Tail { mut logits } = tail.run(hidden.view(), &positions, &mut tail_kv)? else {
+            return Err(Error::Session { stage: "decoder tail", message: "unexpected output".into() });
+        };
+        let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut times = Vec::with_capacity(steps);
+        let mut embed = Array2::<f32>::zeros((1, d.hidden_size));
+        for step in 0..steps {
+            let t = Instant::now();
+            let id = argmax(&logits)?;
+            self.embeddings().gather_into(&[id], embed.view_mut())?;
+            let pos = [(context + step) as i64];
+            let HalfOutput::Head { hidden, .. } = head.run(embed.view(), &pos, &mut head_kv)? else {
+                return Err(Error::Session { stage: "decoder head", message: "unexpected output".into() });
+            };
+            let HalfOutput::Tail { logits: next } = tail.run(hidden.view(), &pos, &mut tail_kv)? else {
+                return Err(Error::Session { stage: "decoder tail", message: "unexpected output".into() });
+            };
+            logits = next;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        Ok(DecodeBench {
+            context,
+            steps,
+            prefill_ms,
+            median_ms_per_token: median,
+            mean_ms_per_token: mean,
+            min_ms_per_token: min,
+            kv_bytes: head_kv.bytes_used() + tail_kv.bytes_used(),
+        })
+    }
+}

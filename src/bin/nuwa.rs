@@ -1,0 +1,264 @@
+//! `nuwa`: run, inspect and benchmark exported VLMs from the command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use nuwa::pipeline::{GenerationParams, ImageInput, LoadOptions, Model, Request};
+use nuwa::runtime::{Provider, Runtime};
+use nuwa::sampler::SamplerConfig;
+
+#[derive(Parser)]
+#[command(name = "nuwa", version, about = "On-device VLM inference with Nüwa visual token pruning")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer a prompt about an image, streaming text to stdout.
+    Run(RunArgs),
+    /// Print the model's manifest summary and the available execution providers.
+    Info(InfoArgs),
+    /// Measure per-token decode time at several context lengths.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model directory (holds manifest.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Execution provider: cpu, cuda or coreml (falls back to CPU, saying so).
+    #[arg(long, default_value = "cpu")]
+    provider: Provider,
+    /// Intra-op threads per session (default: ONNX Runtime's choice).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// ONNX Runtime library to load (default: ORT_DYLIB_PATH, then beside the binary, then third_party/onnxruntime).
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    /// Use the unquantised vision graph.
+    #[arg(long)]
+    vision_fp32: bool,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<std::sync::Arc<Model>> {
+        let opts = LoadOptions {
+            provider: self.provider,
+            intra_threads: self.threads,
+            ort_library: self.ort_lib.clone(),
+            vision_fp32: self.vision_fp32,
+        };
+        let model = Model::load(&self.model, &opts).with_context(|| format!("loading model {}", self.model.display()))?;
+        for note in model.provider_notes() {
+            eprintln!("nuwa: {note}");
+        }
+        Ok(model)
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Image file (PNG or JPEG).
+    #[arg(long)]
+    image: PathBuf,
+    /// The question or instruction.
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Print one JSON object (text, boxes, tokens, stats) instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// Sampling temperature (default: greedy).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Keep only the k most likely tokens when sampling.
+    #[arg(long)]
+    top_k: Option<u32>,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Context lengths to measure at.
+    #[arg(long, value_delimiter = ',', default_value = "64,1024")]
+    contexts: Vec<usize>,
+    /// Timed decode steps per context.
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Info(a) => info(a),
+        Command::Bench(a) => bench(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let sampler = match a.temperature {
+        None => SamplerConfig::Greedy,
+        Some(temperature) => SamplerConfig::Temperature { temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+    };
+    if !a.image.is_file() {
+        anyhow::bail!("image {} does not exist or is not a file", a.image.display());
+    }
+    let model = a.model.load()?;
+    let request = Request {
+        image: ImageInput::Path(a.image.clone()),
+        prompt: a.prompt.clone(),
+        params: GenerationParams { max_new_tokens: a.max_tokens, sampler, ..GenerationParams::default() },
+    };
+    let mut generation = model.generate(&request).with_context(|| format!("processing {}", a.image.display()))?;
+    if a.json {
+        generation.run_to_end(|_| true)?;
+        let out = generation.output();
+        let json = serde_json::json!({
+            "model": model.manifest().id,
+            "text": out.text,
+            "boxes": out.boxes,
+            "tokens": out.tokens,
+            "finish_reason": out.finish_reason,
+            "image": { "width": out.resize.original_width, "height": out.resize.original_height },
+            "stats": out.stats,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        let stdout = std::io::stdout();
+        let mut lock = stdout.lock();
+        let mut io_error = None;
+        generation.run_to_end(|text| match lock.write_all(text.as_bytes()).and_then(|_| lock.flush()) {
+            Ok(()) => true,
+            Err(e) => {
+                io_error = Some(e);
+                false
+            }
+        })?;
+        if let Some(e) = io_error {
+            return Err(e).context("writing to stdout");
+        }
+        writeln!(lock)?;
+        let out = generation.output();
+        for b in &out.boxes {
+            eprintln!("box (original pixels): [{:.1}, {:.1}, {:.1}, {:.1}]", b[0], b[1], b[2], b[3]);
+        }
+        let s = &out.stats;
+        eprintln!(
+            "nuwa: {} tokens | vision {:.1} ms | prefill {:.1} ms | ttft {:.1} ms | decode {:.2} ms/token | visual tokens {} -> {} | {}",
+            s.generated_tokens,
+            s.vision_ms,
+            s.prefill_ms,
+            s.ttft_ms,
+            s.decode_ms_per_token,
+            s.visual_tokens_in,
+            s.visual_tokens_kept,
+            s.provider
+        );
+    }
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let model = a.model.load()?;
+    let m = model.manifest();
+    let rt: &Runtime = model.runtime();
+    let providers: Vec<String> = rt.available_providers().iter().map(|p| format!("{p:?}").to_lowercase()).collect();
+    if a.json {
+        let json = serde_json::json!({
+            "manifest": m,
+            "dir": m.dir,
+            "onnxruntime": { "library": rt.library(), "build": rt.build_info(), "providers": providers },
+            "provider": format!("{:?}", model.provider()).to_lowercase(),
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    let v = &m.vision;
+    let d = &m.decoder;
+    println!("model        {} ({}) at {}", m.id, m.architecture, m.dir.display());
+    println!(
+        "image        {}x{} {:?} {:?}, mean {:?} std {:?}",
+        m.image.width, m.image.height, m.image.resize, m.image.interpolation, m.image.mean, m.image.std
+    );
+    println!(
+        "vision       {} ({} layers, width {}, patch {}, grid {}x{} = {} tokens, CLS {}, features layer {}, metric layer {}, similarity over last {})",
+        v.file, v.num_layers, v.hidden_size, v.patch_size, v.grid_h, v.grid_w, v.num_tokens(), v.has_cls, v.feature_layer, v.metric_layer, v.similarity_layers
+    );
+    println!("projector    {}", m.projector.file);
+    println!(
+        "decoder      {} layers split at {} (head {}, tail {}), hidden {}, heads {}/{} kv, head dim {}, vocab {}, context {}",
+        d.num_layers, d.split_layer, d.head.file, d.tail.file, d.hidden_size, d.num_attention_heads, d.num_key_value_heads, d.head_dim, d.vocab_size, d.max_position_embeddings
+    );
+    println!(
+        "embeddings   {} [{} x {}] {:?} at offset {}",
+        m.embeddings.file, m.embeddings.rows, m.embeddings.cols, m.embeddings.dtype, m.embeddings.offset
+    );
+    println!(
+        "tokenizer    {} (bos {:?}, eos {:?}, image token {:?} = {})",
+        m.tokenizer.file, m.tokenizer.bos_token_id, m.tokenizer.eos_token_ids, m.tokenizer.image_token, m.tokenizer.image_token_id
+    );
+    println!("template     {:?} (add_bos {})", m.prompt.template, m.prompt.add_bos);
+    println!("onnxruntime  {} ({})", rt.library().display(), rt.build_info());
+    println!("providers    available: {} | running: {:?}", providers.join(", "), model.provider());
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let model = a.model.load()?;
+    let mut rows = Vec::new();
+    for &context in &a.contexts {
+        // One untimed warm-up pass per context so allocation and kernel selection do not count.
+        model.bench_decode(context, 2)?;
+        let r = model.bench_decode(context, a.steps)?;
+        if !a.json {
+            println!(
+                "context {:>6}: decode median {:>8.3} ms/token (mean {:.3}, min {:.3}) over {} steps; prefill {:.1} ms; KV {:.1} KiB",
+                r.context,
+                r.median_ms_per_token,
+                r.mean_ms_per_token,
+                r.min_ms_per_token,
+                r.steps,
+                r.prefill_ms,
+                r.kv_bytes as f64 / 1024.0
+            );
+        }
+        rows.push(r);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "model": model.manifest().id, "decode": rows }))?);
+    }
+    Ok(())
+}

@@ -1,0 +1,485 @@
+//! The model (immutable, loaded once, shareable) and a generation (one request's mutable state, pulled a token at a
+//! time). A generation owns an `Arc` of its model, so neither borrows the other: a C caller can hold both as handles.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ndarray::{s, Array2};
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use crate::boxes;
+use crate::decoder::{DecoderHalf, Half, HalfOutput};
+use crate::detok::StreamDecoder;
+use crate::embeddings::Embeddings;
+use crate::error::{Error, Result};
+use crate::image::{self, ImageLimits, PixelBatch, ResizeRecord};
+use crate::kv::KvCache;
+use crate::manifest::Manifest;
+use crate::prompt::{self, PromptLayout};
+use crate::runtime::{Provider, Runtime, SessionOptions};
+use crate::sampler::{Sampler, SamplerConfig};
+use crate::stats::{ms_since, peak_rss_mb, Stats};
+use crate::vision::{Projector, VisionEncoder, VisionTokens};
+
+/// How a model is loaded.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Execution provider asked for (CPU when it cannot be had).
+    pub provider: Provider,
+    /// Intra-op threads per session (None: ONNX Runtime's default).
+    pub intra_threads: Option<usize>,
+    /// ONNX Runtime library (None: [`crate::runtime::find_library`]).
+    pub ort_library: Option<PathBuf>,
+    /// Load the unquantised vision graph (`vision.fp32_file`) instead of `vision.file`.
+    pub vision_fp32: bool,
+}
+
+/// A loaded model: manifest, tokenizer, embedding table and the four sessions.
+pub struct Model {
+    manifest: Manifest,
+    tokenizer: Arc<Tokenizer>,
+    embeddings: Embeddings,
+    vision: VisionEncoder,
+    projector: Projector,
+    head: DecoderHalf,
+    tail: DecoderHalf,
+    notes: Vec<String>,
+    runtime: Arc<Runtime>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("id", &self.manifest.id).field("dir", &self.manifest.dir).finish()
+    }
+}
+
+/// The image of a request.
+#[derive(Debug, Clone)]
+pub enum ImageInput {
+    /// An encoded image file (PNG or JPEG).
+    Path(PathBuf),
+    /// Encoded image bytes (PNG or JPEG).
+    Encoded(Vec<u8>),
+    /// Raw interleaved RGB8 pixels.
+    Rgb {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+        /// `width * height * 3` bytes.
+        data: Vec<u8>,
+    },
+}
+
+/// Generation settings of a request.
+#[derive(Debug, Clone)]
+pub struct GenerationParams {
+    /// Most tokens to generate.
+    pub max_new_tokens: usize,
+    /// Token sampling.
+    pub sampler: SamplerConfig,
+    /// Image size limits (the minimum side is raised to the model's patch size).
+    pub limits: ImageLimits,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        GenerationParams { max_new_tokens: 128, sampler: SamplerConfig::default(), limits: ImageLimits::default() }
+    }
+}
+
+/// One request: an image, a prompt and settings.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The image.
+    pub image: ImageInput,
+    /// The user's text.
+    pub prompt: String,
+    /// Settings.
+    pub params: GenerationParams,
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token was sampled.
+    Eos,
+    /// `max_new_tokens` were generated.
+    MaxTokens,
+    /// The model's context length was reached.
+    ContextFull,
+}
+
+/// What one pull of a generation gave.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// A token and the text it completed (possibly empty while a multi-byte character is incomplete).
+    Token {
+        /// Token id.
+        id: u32,
+        /// Newly completed text.
+        text: String,
+    },
+    /// Generation has ended; `text` is what an incomplete character held back (usually empty). Further pulls
+    /// return this again with empty text.
+    Finished {
+        /// Why it ended.
+        reason: FinishReason,
+        /// Remaining text.
+        text: String,
+    },
+}
+
+/// The result of a whole request.
+#[derive(Debug, Clone, Serialize)]
+pub struct Output {
+    /// Generated text.
+    pub text: String,
+    /// Boxes found in the text, `[x1, y1, x2, y2]` in original-image pixels.
+    pub boxes: Vec<[f32; 4]>,
+    /// Generated token ids (end-of-sequence excluded).
+    pub tokens: Vec<u32>,
+    /// Why generation stopped.
+    pub finish_reason: Option<FinishReason>,
+    /// How the image was mapped to the model input.
+    pub resize: ResizeRecord,
+    /// Timings and counts.
+    pub stats: Stats,
+}
+
+impl Model {
+    /// Loads the model directory `dir`: manifest, ONNX Runtime, sessions (validated), tokenizer, embeddings.
+    pub fn load(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Arc<Model>> {
+        let manifest = Manifest::load(dir)?;
+        let runtime = Runtime::get(opts.ort_library.as_deref())?;
+        let sopts = SessionOptions { provider: opts.provider, intra_threads: opts.intra_threads };
+        let mut notes = Vec::new();
+        let mut vision_manifest = manifest.clone();
+        if opts.vision_fp32 {
+            if let Some(f) = &manifest.vision.fp32_file {
+                vision_manifest.vision.file = f.clone();
+            }
+        }
+        let vision = VisionEncoder::load(&runtime, &vision_manifest, &sopts, &mut notes)?;
+        let projector = Projector::load(&runtime, &manifest, &sopts, &mut notes)?;
+        let head = DecoderHalf::load(&runtime, &manifest, Half::Head, &sopts, &mut notes)?;
+        let tail = DecoderHalf::load(&runtime, &manifest, Half::Tail, &sopts, &mut notes)?;
+        let tok_path = manifest.file(&manifest.tokenizer.file);
+        if !tok_path.is_file() {
+            return Err(Error::ModelFile { path: tok_path, message: "not found (named by manifest field tokenizer.file)".into() });
+        }
+        let tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| Error::ModelFile { path: tok_path.clone(), message: format!("not a tokenizer.json: {e}") })?;
+        let emb_path = manifest.file(&manifest.embeddings.file);
+        let embeddings = Embeddings::open(&emb_path, &manifest.embeddings)?;
+        Ok(Arc::new(Model { manifest, tokenizer: Arc::new(tokenizer), embeddings, vision, projector, head, tail, notes, runtime }))
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// Messages about requested execution providers that could not be used.
+    pub fn provider_notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// The provider running the decoder (the bulk of the work).
+    pub fn provider(&self) -> Provider {
+        self.tail.provider
+    }
+
+    /// The embedding table.
+    pub fn embeddings(&self) -> &Embeddings {
+        &self.embeddings
+    }
+
+    /// The decoder head and tail.
+    pub fn halves(&self) -> (&DecoderHalf, &DecoderHalf) {
+        (&self.head, &self.tail)
+    }
+
+    /// The ONNX Runtime in use.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// Decodes (if needed) and preprocesses an image as the manifest says.
+    pub fn preprocess(&self, input: &ImageInput, limits: &ImageLimits) -> Result<PixelBatch> {
+        let mut limits = *limits;
+        limits.min_side = limits.min_side.max(self.manifest.vision.patch_size as u32);
+        let rgb = match input {
+            ImageInput::Path(p) => {
+                let bytes = std::fs::read(p).map_err(|e| Error::Image(format!("cannot read {}: {e}", p.display())))?;
+                image::decode_image(&bytes, &limits)?
+            }
+            ImageInput::Encoded(bytes) => image::decode_image(bytes, &limits)?,
+            ImageInput::Rgb { width, height, data } => image::rgb_from_raw(*width, *height, data, &limits)?,
+        };
+        image::preprocess(&rgb, &self.manifest.image)
+    }
+
+    /// Runs the vision tower on a preprocessed image.
+    pub fn encode_image(&self, pixels: &PixelBatch) -> Result<VisionTokens> {
+        self.vision.encode(pixels)
+    }
+
+    /// Projects `[M, vision hidden]` tokens into the decoder's embedding space.
+    pub fn project(&self, tokens: ndarray::ArrayView2<'_, f32>) -> Result<Array2<f32>> {
+        self.projector.project(tokens)
+    }
+
+    /// Embeds `layout`'s text tokens from the table and scatters `visual` (`[span len, hidden]`) into the image span.
+    pub fn embed(&self, layout: &PromptLayout, visual: &Array2<f32>) -> Result<Array2<f32>> {
+        let hidden = self.manifest.decoder.hidden_size;
+        let span = layout.image_span.clone();
+        if visual.nrows() != span.len() || visual.ncols() != hidden {
+            return Err(Error::Shape {
+                what: "visual embeddings".into(),
+                message: format!("[{}, {}] for an image span of {} tokens of width {hidden}", visual.nrows(), visual.ncols(), span.len()),
+            });
+        }
+        let mut out = Array2::<f32>::zeros((layout.len(), hidden));
+        self.embeddings.gather_into(&layout.ids[..span.start], out.slice_mut(s![..span.start, ..]))?;
+        out.slice_mut(s![span.clone(), ..]).assign(visual);
+        self.embeddings.gather_into(&layout.ids[span.end..], out.slice_mut(s![span.end.., ..]))?;
+        Ok(out)
+    }
+
+    /// Starts a request: image, vision tower, projector and prompt prefill. Pull tokens with [`Generation::step`].
+    pub fn generate(self: &Arc<Self>, request: &Request) -> Result<Generation> {
+        let t0 = Instant::now();
+        let params = &request.params;
+        let sampler = params.sampler.build()?;
+        if params.max_new_tokens == 0 {
+            return Err(Error::InvalidRequest("max_new_tokens must be at least 1".into()));
+        }
+        if request.prompt.trim().is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        let mut stats = Stats { provider: format!("{:?}", self.provider()).to_lowercase(), ..Stats::default() };
+
+        let pixels = self.preprocess(&request.image, &params.limits)?;
+        stats.preprocess_ms = ms_since(t0);
+
+        let t = Instant::now();
+        let tokens = self.encode_image(&pixels)?;
+        stats.vision_ms = ms_since(t);
+        let total_visual = tokens.features.nrows();
+        stats.visual_tokens_in = total_visual;
+
+        // Stage 1 (no pruning here): every token kept at its raster position.
+        let kept1: Vec<usize> = (0..total_visual).collect();
+        stats.visual_tokens_after_stage1 = kept1.len();
+
+        let t = Instant::now();
+        let visual = self.project(tokens.features.view())?;
+        stats.projector_ms = ms_since(t);
+
+        let layout = prompt::layout(&self.tokenizer, &self.manifest, &request.prompt, &kept1, total_visual)?;
+        let max_pos = self.manifest.decoder.max_position_embeddings as i64;
+        if layout.next_position >= max_pos {
+            return Err(Error::ContextOverflow(format!(
+                "the prompt needs {} positions; the model has {max_pos}",
+                layout.next_position
+            )));
+        }
+        stats.prompt_tokens = layout.len();
+
+        let t = Instant::now();
+        let embeds = self.embed(&layout, &visual)?;
+        let capacity = layout.len() + params.max_new_tokens;
+        let mut head_kv = self.head.new_cache(capacity);
+        let mut tail_kv = self.tail.new_cache(capacity);
+        let (hidden, _row) = match self.head.run(embeds.view(), &layout.positions, &mut head_kv)? {
+            HalfOutput::Head { hidden, attention_row } => (hidden, attention_row),
+            HalfOutput::Tail { .. } => return Err(Error::Session { stage: "decoder head", message: "head returned logits".into() }),
+        };
+        // Stage 2 (no pruning here): the tail sees every prompt token.
+        stats.visual_tokens_after_stage2 = layout.image_span.len();
+        stats.visual_tokens_kept = stats.visual_tokens_after_stage2;
+        let logits = match self.tail.run(hidden.view(), &layout.positions, &mut tail_kv)? {
+            HalfOutput::Tail { logits } => logits,
+            HalfOutput::Head { .. } => return Err(Error::Session { stage: "decoder tail", message: "tail returned hidden states".into() }),
+        };
+        stats.prefill_ms = ms_since(t);
+
+        Ok(Generation {
+            model: self.clone(),
+            head_kv,
+            tail_kv,
+            sampler,
+            detok: StreamDecoder::new(self.tokenizer.clone()),
+            next_position: layout.next_position,
+            logits: Some(logits),
+            tokens: Vec::new(),
+            text: String::new(),
+            finished: None,
+            max_new_tokens: params.max_new_tokens,
+            resize: pixels.resize,
+            stats,
+            started: t0,
+            decode_started: None,
+        })
+    }
+}
+
+/// One request in flight: KV caches, sampler, detokeniser and the text so far.
+pub struct Generation {
+    model: Arc<Model>,
+    head_kv: KvCache,
+    tail_kv: KvCache,
+    sampler: Box<dyn Sampler>,
+    detok: StreamDecoder,
+    next_position: i64,
+    logits: Option<Vec<f32>>,
+    tokens: Vec<u32>,
+    text: String,
+    finished: Option<FinishReason>,
+    max_new_tokens: usize,
+    resize: ResizeRecord,
+    stats: Stats,
+    started: Instant,
+    decode_started: Option<Instant>,
+}
+
+impl Generation {
+    /// Samples the next token and runs the decoder on it; returns the token, or why generation ended.
+    pub fn step(&mut self) -> Result<Step> {
+        if let Some(reason) = self.finished {
+            return Ok(Step::Finished { reason, text: String::new() });
+        }
+        let Some(logits) = self.logits.take() else {
+            return self.finish(FinishReason::MaxTokens);
+        };
+        let id = self.sampler.sample(&logits)?;
+        if self.tokens.is_empty() {
+            self.stats.ttft_ms = ms_since(self.started);
+            self.decode_started = Some(Instant::now());
+        }
+        if self.model.manifest.tokenizer.eos_token_ids.contains(&id) {
+            return self.finish(FinishReason::Eos);
+        }
+        self.tokens.push(id);
+        let text = self.detok.push(id)?.unwrap_or_default();
+        self.text.push_str(&text);
+
+        let max_pos = self.model.manifest.decoder.max_position_embeddings as i64;
+        if self.tokens.len() >= self.max_new_tokens {
+            self.finished = Some(FinishReason::MaxTokens);
+        } else if self.next_position >= max_pos {
+            self.finished = Some(FinishReason::ContextFull);
+        } else {
+            self.logits = Some(self.decode_one(id)?);
+        }
+        if self.finished.is_some() {
+            self.flush_stats();
+            let rest = self.detok.finish()?;
+            self.text.push_str(&rest);
+            return Ok(Step::Token { id, text: text + &rest });
+        }
+        Ok(Step::Token { id, text })
+    }
+
+    fn decode_one(&mut self, id: u32) -> Result<Vec<f32>> {
+        let hidden = self.model.manifest.decoder.hidden_size;
+        let mut embed = Array2::<f32>::zeros((1, hidden));
+        self.model.embeddings.gather_into(&[id], embed.view_mut())?;
+        let pos = [self.next_position];
+        let h = match self.model.head.run(embed.view(), &pos, &mut self.head_kv)? {
+            HalfOutput::Head { hidden, .. } => hidden,
+            HalfOutput::Tail { .. } => return Err(Error::Session { stage: "decoder head", message: "head returned logits".into() }),
+        };
+        let logits = match self.model.tail.run(h.view(), &pos, &mut self.tail_kv)? {
+            HalfOutput::Tail { logits } => logits,
+            HalfOutput::Head { .. } => return Err(Error::Session { stage: "decoder tail", message: "tail returned hidden states".into() }),
+        };
+        self.next_position += 1;
+        Ok(logits)
+    }
+
+    fn finish(&mut self, reason: FinishReason) -> Result<Step> {
+        self.finished = Some(reason);
+        self.flush_stats();
+        let rest = self.detok.finish()?;
+        self.text.push_str(&rest);
+        Ok(Step::Finished { reason, text: rest })
+    }
+
+    fn flush_stats(&mut self) {
+        if let Some(t) = self.decode_started {
+            self.stats.decode_ms = ms_since(t);
+            let steps = self.tokens.len().saturating_sub(1).max(1);
+            self.stats.decode_ms_per_token = self.stats.decode_ms / steps as f64;
+        }
+        self.stats.generated_tokens = self.tokens.len();
+        self.stats.kv_bytes_head = self.head_kv.bytes_used();
+        self.stats.kv_bytes_tail = self.tail_kv.bytes_used();
+        self.stats.kv_bytes_per_head_layer = self.head_kv.bytes_used() / self.head_kv.num_layers().max(1);
+        self.stats.kv_bytes_per_tail_layer = self.tail_kv.bytes_used() / self.tail_kv.num_layers().max(1);
+        self.stats.peak_rss_mb = peak_rss_mb();
+    }
+
+    /// The logits the next [`Generation::step`] will sample from, if it will sample.
+    pub fn peek_logits(&self) -> Option<&[f32]> {
+        self.logits.as_deref()
+    }
+
+    /// Text generated so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Token ids generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Whether generation has ended.
+    pub fn is_finished(&self) -> bool {
+        self.finished.is_some()
+    }
+
+    /// Runs to the end, calling `sink` with each piece of text; `sink` returns false to stop early.
+    pub fn run_to_end(&mut self, mut sink: impl FnMut(&str) -> bool) -> Result<()> {
+        loop {
+            match self.step()? {
+                Step::Token { text, .. } => {
+                    if !text.is_empty() && !sink(&text) {
+                        self.finished.get_or_insert(FinishReason::MaxTokens);
+                        self.flush_stats();
+                        return Ok(());
+                    }
+                }
+                Step::Finished { text, .. } => {
+                    if !text.is_empty() {
+                        sink(&text);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The result so far (complete once finished): text, boxes in original pixels, tokens, stats.
+    pub fn output(&self) -> Output {
+        let boxes = boxes::extract_boxes(&self.text, &self.model.manifest.box_format, &self.resize).into_iter().map(|b| b.original).collect();
+        Output {
+            text: self.text.clone(),
+            boxes,
+            tokens: self.tokens.clone(),
+            finish_reason: self.finished,
+            resize: self.resize,
+            stats: self.stats.clone(),
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Bad input through the real CLI: every case must fail with a clear message naming what was wrong and a non-zero
+//! exit, never a panic or a hang.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const FIXTURE: &str = "tiny-llava-clip";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture() -> PathBuf {
+    root().join("models").join(FIXTURE)
+}
+
+fn example_image() -> PathBuf {
+    fixture().join("golden").join("image.png")
+}
+
+/// A fresh scratch directory under the target dir (removed first if a previous run left it).
+fn scratch(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bad-input-{}-{name}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn copy_model(to: &Path) {
+    for entry in std::fs::read_dir(fixture()).expect("fixture") {
+        let entry = entry.expect("entry");
+        if entry.file_type().expect("type").is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+        }
+    }
+}
+
+fn nuwa(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nuwa")).args(args).output().expect("run nuwa")
+}
+
+fn run_with(model: &Path, image: &Path, prompt: &str) -> Output {
+    nuwa(&["run", "--model", model.to_str().expect("utf8"), "--image", image.to_str().expect("utf8"), "--prompt", prompt, "--max-tokens", "4"])
+}
+
+/// Asserts a clean failure whose stderr contains every one of `needles` (case-insensitive).
+fn assert_fails(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    let lower = stderr.to_lowercase();
+    for n in needles {
+        assert!(lower.contains(&n.to_lowercase()), "stderr lacks {n:?}: {stderr}");
+    }
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+fn chunk(png: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let mut body = kind.to_vec();
+    body.extend_from_slice(data);
+    png.extend_from_slice(&body);
+    png.extend_from_slice(&crc32(&body).to_be_bytes());
+}
+
+/// A well-formed PNG whose header claims `w` x `h` RGB pixels but whose IDAT holds only a few bytes: what a
+/// decompression bomb looks like before inflation.
+fn bomb_png(w: u32, h: u32) -> Vec<u8> {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    chunk(&mut png, b"IHDR", &ihdr);
+    // zlib stream with one stored block of 4 zero bytes.
+    let idat = [0x78, 0x01, 0x01, 4, 0, 0xfb, 0xff, 0, 0, 0, 0, 0, 4, 0, 1];
+    chunk(&mut png, b"IDAT", &idat);
+    chunk(&mut png, b"IEND", &[]);
+    png
+}
+
+#[test]
+fn corrupt_image_is_rejected() {
+    let dir = scratch("corrupt");
+    let path = dir.join("noise.jpg");
+    std::fs::write(&path, (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect::<Vec<_>>()).expect("write");
+    assert_fails(&run_with(&fixture(), &path, "What is this?"), &["image"]);
+}
+
+#[test]
+fn truncated_image_is_rejected() {
+    let dir = scratch("truncated");
+    let full = std::fs::read(root().join("examples").join("coco-000000000139.jpg")).expect("example jpg");
+    let path = dir.join("half.jpg");
+    std::fs::write(&path, &full[..full.len() / 3]).expect("write");
+    assert_fails(&run_with(&fixture(), &path, "What is this?"), &["image"]);
+    let png = std::fs::read(example_image()).expect("png");
+    let path = dir.join("half.png");
+    std::fs::write(&path, &png[..png.len() / 2]).expect("write");
+    assert_fails(&run_with(&fixture(), &path, "What is this?"), &["image"]);
+}
+
+#[test]
+fn one_pixel_image_is_rejected() {
+    let dir = scratch("tiny");
+    let path = dir.join("one.png");
+    let img = image::RgbImage::from_pixel(1, 1, image::Rgb([200, 10, 10]));
+    img.save(&path).expect("save png");
+    assert_fails(&run_with(&fixture(), &path, "What is this?"), &["1x1"]);
+}
+
+#[test]
+fn decompression_bomb_header_is_rejected_before_decoding() {
+    let dir = scratch("bomb");
+    let path = dir.join("bomb.png");
+    std::fs::write(&path, bomb_png(20_000, 20_000)).expect("write");
+    let t = std::time::Instant::now();
+    let out = run_with(&fixture(), &path, "What is this?");
+    assert_fails(&out, &["20000x20000"]);
+    assert!(t.elapsed().as_secs() < 60, "rejection took {:?}", t.elapsed());
+}
+
+#[test]
+fn missing_image_file_is_rejected() {
+    let dir = scratch("noimage");
+    assert_fails(&run_with(&fixture(), &dir.join("nope.png"), "What is this?"), &["nope.png"]);
+}
+
+#[test]
+fn empty_prompt_is_rejected() {
+    assert_fails(&run_with(&fixture(), &example_image(), ""), &["prompt", "empty"]);
+    assert_fails(&run_with(&fixture(), &example_image(), "   \n"), &["prompt", "empty"]);
+}
+
+#[test]
+fn missing_model_file_is_named() {
+    let dir = scratch("missing-file");
+    copy_model(&dir);
+    std::fs::remove_file(dir.join("decoder_tail.onnx")).expect("remove");
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["decoder_tail.onnx", "decoder.tail.file"]);
+}
+
+#[test]
+fn missing_model_dir_is_named() {
+    let dir = scratch("no-model").join("absent");
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["absent", "does not exist"]);
+}
+
+fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    edit(&mut m);
+    std::fs::write(&path, serde_json::to_string_pretty(&m).expect("json")).expect("write");
+}
+
+#[test]
+fn manifest_with_wrong_vision_dimension_is_rejected() {
+    let dir = scratch("wrong-dim");
+    copy_model(&dir);
+    edit_manifest(&dir, |m| m["vision"]["hidden_size"] = serde_json::json!(48));
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["vision.hidden_size", "48"]);
+}
+
+#[test]
+fn manifest_with_wrong_decoder_dimension_is_rejected() {
+    let dir = scratch("wrong-kv");
+    copy_model(&dir);
+    edit_manifest(&dir, |m| {
+        let heads = m["decoder"]["num_key_value_heads"].as_u64().expect("kv heads");
+        m["decoder"]["num_key_value_heads"] = serde_json::json!(heads * 2);
+    });
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["manifest"]);
+}
+
+#[test]
+fn manifest_with_wrong_split_is_rejected() {
+    let dir = scratch("wrong-split");
+    copy_model(&dir);
+    edit_manifest(&dir, |m| {
+        let k = m["decoder"]["split_layer"].as_u64().expect("split");
+        m["decoder"]["split_layer"] = serde_json::json!(k + 1);
+    });
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["decoder"]);
+}
+
+#[test]
+fn malformed_manifest_is_rejected() {
+    let dir = scratch("malformed");
+    copy_model(&dir);
+    std::fs::write(dir.join("manifest.json"), "{\"format_version\": 1, \"id\": ").expect("write");
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["manifest.json"]);
+    edit_manifest_raw(&dir, "{\"format_version\": 1}");
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["missing field"]);
+}
+
+fn edit_manifest_raw(dir: &Path, text: &str) {
+    std::fs::write(dir.join("manifest.json"), text).expect("write");
+}
+
+#[test]
+fn truncated_embedding_table_is_rejected() {
+    // tiny-llava-clip shares its tied table with the tail's weight file; tiny-llava-dinov2 ships an f16 table.
+    for (id, needle) in [("tiny-llava-clip", "lm_head.weight"), ("tiny-llava-dinov2", "bytes")] {
+        let dir = scratch("short-embed");
+        for entry in std::fs::read_dir(root().join("models").join(id)).expect("fixture") {
+            let entry = entry.expect("entry");
+            if entry.file_type().expect("type").is_file() {
+                std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+            }
+        }
+        let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).expect("read")).expect("json");
+        let name = m["embeddings"]["file"].as_str().expect("file");
+        let file = dir.join(name);
+        let bytes = std::fs::read(&file).expect("read");
+        std::fs::write(&file, &bytes[..bytes.len() / 2]).expect("write");
+        assert_fails(&run_with(&dir, &example_image(), "What is this?"), &[needle]);
+    }
+}
+
+#[test]
+fn prompt_with_image_placeholder_is_rejected() {
+    assert_fails(&run_with(&fixture(), &example_image(), "look <image> here"), &["placeholder"]);
+}
+
+#[test]
+fn missing_onnxruntime_library_is_explained() {
+    let out = Command::new(env!("CARGO_BIN_EXE_nuwa"))
+        .args(["info", "--model", fixture().to_str().expect("utf8")])
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+        .output()
+        .expect("run");
+    assert_fails(&out, &["setup-ort.sh"]);
+}
+
+#[test]
+fn good_input_still_works() {
+    let out = nuwa(&["run", "--model", fixture().to_str().expect("utf8"), "--image", example_image().to_str().expect("utf8"), "--prompt", "Describe the image.", "--max-tokens", "3", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json on stdout");
+    for key in ["text", "boxes", "tokens", "stats"] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    for key in ["vision_ms", "prefill_ms", "decode_ms", "ttft_ms", "visual_tokens_in", "visual_tokens_kept", "peak_rss_mb"] {
+        assert!(v["stats"].get(key).is_some(), "missing stats.{key}");
+    }
+    assert_eq!(v["tokens"].as_array().expect("tokens").len(), 3);
+}
