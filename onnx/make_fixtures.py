@@ -33,7 +33,7 @@ SPECIALS = ["<s>", "</s>", "<pad>", "<image>"]
 PROMPT = "Describe the image."
 STEPS = 16
 MIN_MARGIN = 1e-2
-IMAGE = 112
+IMAGE = 126  # 9x9 patches: an odd grid, and 81 tokens is no budget preset (64/128/192)
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # LLaVA-1.5 (llava-hf) chat template.
@@ -81,7 +81,7 @@ def build_model(fx: dict, tokenizer, seed: int):
         vcfg = CLIPVisionConfig(image_size=IMAGE, patch_size=14, hidden_size=64, intermediate_size=128,
                                 num_hidden_layers=4, num_attention_heads=4, projection_dim=64, initializer_factor=4.0)
     else:
-        # image_size 224 (16x16 position grid) while exporting at 112: exercises the baked pos-embed interpolation.
+        # image_size 224 (16x16 position grid) while exporting at 126: exercises the baked pos-embed interpolation.
         vcfg = Dinov2Config(image_size=224, patch_size=14, hidden_size=64, mlp_ratio=2, num_hidden_layers=4,
                             num_attention_heads=4, initializer_range=0.2, layerscale_value=1.0)
     tcfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -111,7 +111,7 @@ def build_processor(fx: dict, tokenizer):
                   do_center_crop=True)
     if fx["pad"]:  # LLaVA-1.5: expand to square with the mean colour, resize (bicubic), (no-op) centre crop
         ip = LlavaImageProcessorPil(do_pad=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, **common)
-    else:  # shortest edge to 112 then centre crop
+    else:  # shortest edge to IMAGE then centre crop
         ip = LlavaImageProcessorPil(do_pad=False, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, **common)
     return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
                           chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1, image_token="<image>")
@@ -119,7 +119,7 @@ def build_processor(fx: dict, tokenizer):
 
 # ----------------------------------------------------------------------------------------------------------- images
 def make_images() -> tuple[Path, Image.Image]:
-    """examples/<coco photo> (non-square, ~40 KB JPEG) and the 112x112 golden PNG image (returned)."""
+    """examples/<coco photo> (non-square, ~40 KB JPEG) and the IMAGE x IMAGE golden PNG image (returned)."""
     photo = Image.open(GOLDEN_PHOTO).convert("RGB")
     ex_dir = ROOT / "examples"
     ex_dir.mkdir(exist_ok=True)

@@ -1,0 +1,326 @@
+//! Pruning as a request option: which method, how much, and which position convention; one interface so any method
+//! can be switched on per request and compared in one run.
+//!
+//! Where each method acts and what a budget means for it:
+//! - `none`: every token, both stages.
+//! - `nuwa`: Stage 1 (separation, pillars, aggregation) keeps `keep1`, Stage 2 at the split layer keeps `keep2`
+//!   (presets 64/128/192 -> 112/224/336 then 16/32/48 on 576 tokens, scaled by N/576 on other grids).
+//! - `fastv`: no Stage 1; at the split layer keeps the top `keep2` by the last token's attention (the model is
+//!   split at one layer, so FastV acts there rather than at its usual layer 2: export with `--split-layer 2` for the
+//!   original placement).
+//! - `visionzip`, `divprune`, `dart`, `pool`, `random`: Stage 1 only, keeping the budget itself (64/128/192 on
+//!   576 tokens, scaled) for every layer, as those papers count budgets.
+//!
+//! The presets 64/128/192 always prune (scaled to the grid: 64 means 64/576 of LLaVA-1.5's tokens). Any other
+//! budget of N (the grid's token count) or more means no pruning, for any method.
+
+use std::str::FromStr;
+
+use ndarray::{Array2, Axis};
+
+use super::{
+    dart, divprune, fastv, nuwa_stage1, nuwa_stage2, pool, pool_grid, random, visionzip, visionzip_split, Budget,
+    PrunePlan, REFERENCE_TOKENS,
+};
+use crate::error::{Error, Result};
+use crate::vision::VisionTokens;
+
+/// A pruning method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Keep every token.
+    #[default]
+    None,
+    /// Nüwa Stage 1 + Stage 2.
+    Nuwa,
+    /// FastV: attention of the last prompt token inside the decoder.
+    FastV,
+    /// VisionZip: dominant tokens by CLS attention plus merged contextual tokens.
+    VisionZip,
+    /// DivPrune: greedy max-min diversity.
+    DivPrune,
+    /// DART: tokens least similar to high-norm pivots.
+    Dart,
+    /// Uniform average pooling on the grid.
+    Pool,
+    /// Seeded uniform random selection.
+    Random,
+}
+
+/// Every method name, in the order `--prune` lists them.
+pub const METHOD_NAMES: [&str; 8] = ["none", "nuwa", "fastv", "visionzip", "divprune", "dart", "pool", "random"];
+
+impl FromStr for Method {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "none" => Method::None,
+            "nuwa" => Method::Nuwa,
+            "fastv" => Method::FastV,
+            "visionzip" => Method::VisionZip,
+            "divprune" => Method::DivPrune,
+            "dart" => Method::Dart,
+            "pool" => Method::Pool,
+            "random" => Method::Random,
+            other => {
+                return Err(Error::InvalidRequest(format!(
+                    "unknown pruning method {other:?}; valid methods: {}",
+                    METHOD_NAMES.join(", ")
+                )))
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let i = [Method::None, Method::Nuwa, Method::FastV, Method::VisionZip, Method::DivPrune, Method::Dart, Method::Pool, Method::Random]
+            .iter()
+            .position(|m| m == self)
+            .unwrap_or(0);
+        f.write_str(METHOD_NAMES[i])
+    }
+}
+
+/// How kept visual tokens are positioned for RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PositionPolicy {
+    /// Each token keeps its original raster position; text after the image continues as if nothing was pruned.
+    Original,
+    /// Kept tokens are re-indexed 0..M and text continues right after them (what VisionZip does).
+    Contiguous,
+}
+
+impl FromStr for PositionPolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "original" => Ok(PositionPolicy::Original),
+            "contiguous" => Ok(PositionPolicy::Contiguous),
+            other => Err(Error::InvalidRequest(format!("unknown position policy {other:?}; valid: original, contiguous"))),
+        }
+    }
+}
+
+/// How much to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Amount {
+    /// Everything.
+    #[default]
+    All,
+    /// A budget in average visual tokens per layer: a preset 64, 128 or 192 (on 576 tokens, scaled to the grid), or
+    /// N (the token count) or more for none.
+    Budget(usize),
+    /// Explicit counts after Stage 1 and after Stage 2.
+    Keep {
+        /// Tokens after Stage 1 (or kept by a Stage-1-only method).
+        keep1: usize,
+        /// Tokens after Stage 2 (or kept by FastV).
+        keep2: usize,
+    },
+}
+
+/// The pruning options of a request.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PruneConfig {
+    /// Method.
+    pub method: Method,
+    /// How much to keep.
+    pub amount: Amount,
+    /// Position convention (default: original, except contiguous for VisionZip).
+    pub positions: Option<PositionPolicy>,
+    /// Seed for `random`.
+    pub seed: u64,
+}
+
+/// A config resolved against a grid: what each stage keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved {
+    /// Stage-1 keep (None: no Stage-1 pruning).
+    pub stage1: Option<usize>,
+    /// Nüwa's candidates per region, for Stage 1.
+    pub top_n: usize,
+    /// Stage-2 keep (None: no Stage-2 pruning).
+    pub stage2: Option<usize>,
+    /// Position convention.
+    pub positions: PositionPolicy,
+}
+
+/// What Stage 1 kept.
+#[derive(Debug, Clone)]
+pub struct Stage1Result {
+    /// Raster index (original grid position) of each kept token, in sequence order.
+    pub kept: Vec<usize>,
+    /// Per kept token: unchanged anchor (true) or aggregated/merged (false); None for plain selections.
+    pub pillar: Option<Vec<bool>>,
+    /// Pre-projector features of the kept tokens, `[kept, D]`.
+    pub tokens: Array2<f32>,
+}
+
+fn scale_to_grid(k: usize, n: usize) -> usize {
+    ((k * n) as f64 / REFERENCE_TOKENS as f64).round().max(1.0) as usize
+}
+
+impl PruneConfig {
+    /// Resolves the keep counts of this config on a `grid_h x grid_w` grid.
+    pub fn resolve(&self, grid_h: usize, grid_w: usize) -> Result<Resolved> {
+        let n = grid_h * grid_w;
+        let positions = self.positions.unwrap_or(if self.method == Method::VisionZip {
+            PositionPolicy::Contiguous
+        } else {
+            PositionPolicy::Original
+        });
+        let none = Resolved { stage1: None, top_n: 1, stage2: None, positions };
+        if self.method == Method::None {
+            if self.amount != Amount::All {
+                return Err(Error::InvalidRequest("--budget/--keep1/--keep2 need a pruning method (--prune)".into()));
+            }
+            return Ok(none);
+        }
+        let (plan, single) = match self.amount {
+            Amount::All => {
+                return Err(Error::InvalidRequest(format!(
+                    "--prune {} needs --budget 64|128|192 or --keep1 N --keep2 M",
+                    self.method
+                )))
+            }
+            Amount::Budget(b) => match Budget::from_tokens(b) {
+                Ok(budget) => (budget.plan(grid_h, grid_w)?, scale_to_grid(b, n).min(n)),
+                // Not a preset: the full token count (or more) is a valid request for no pruning.
+                Err(_) if b >= n => return Ok(none),
+                Err(e) => return Err(e),
+            },
+            Amount::Keep { keep1, keep2 } => {
+                if keep1 >= n && keep2 >= keep1 {
+                    return Ok(none);
+                }
+                let plan = PrunePlan::explicit(grid_h, grid_w, keep1.min(n), keep2.min(n))?;
+                (plan, keep1.min(n))
+            }
+        };
+        let cut = |k: usize, of: usize| if k >= of { None } else { Some(k) };
+        Ok(match self.method {
+            Method::None => none,
+            Method::Nuwa => Resolved {
+                stage1: cut(plan.keep1, n),
+                top_n: plan.top_n,
+                stage2: cut(plan.keep2, plan.keep1),
+                positions,
+            },
+            Method::FastV => Resolved { stage1: None, top_n: 1, stage2: cut(plan.keep2, n), positions },
+            Method::VisionZip | Method::DivPrune | Method::Dart | Method::Pool | Method::Random => {
+                Resolved { stage1: cut(single, n), top_n: 1, stage2: None, positions }
+            }
+        })
+    }
+
+    /// Runs Stage 1 of this config on the vision tower's output.
+    pub fn stage1(&self, r: &Resolved, t: &VisionTokens) -> Result<Stage1Result> {
+        let n = t.features.nrows();
+        let Some(keep) = r.stage1 else {
+            return Ok(Stage1Result { kept: (0..n).collect(), pillar: None, tokens: t.features.clone() });
+        };
+        let metric = || {
+            t.cls_attention.as_deref().ok_or_else(|| {
+                Error::InvalidRequest(format!("--prune {} needs the CLS attention signal, which this vision tower lacks", self.method))
+            })
+        };
+        let select = |kept: Vec<usize>| {
+            let tokens = t.features.select(Axis(0), &kept);
+            Stage1Result { kept, pillar: None, tokens }
+        };
+        Ok(match self.method {
+            Method::Nuwa => {
+                let cfg = PrunePlan { top_n: r.top_n, keep1: keep, keep2: keep }.stage1_config(t.grid_h, t.grid_w);
+                let out = nuwa_stage1(metric()?, t.similarity.view(), t.features.view(), t.grid_h, t.grid_w, &cfg)?;
+                Stage1Result { kept: out.kept, pillar: Some(out.pillar), tokens: out.tokens }
+            }
+            Method::VisionZip => {
+                let (dominant, contextual) = visionzip_split(keep);
+                let out = visionzip(metric()?, t.similarity.view(), t.features.view(), dominant, contextual)?;
+                let mut kept: Vec<usize> = out.dominant.iter().chain(&out.targets).copied().collect();
+                let mut pillar: Vec<bool> = out.dominant.iter().map(|_| true).chain(out.targets.iter().map(|_| false)).collect();
+                let mut tokens = out.tokens;
+                if r.positions == PositionPolicy::Original {
+                    // Original positions: order the sequence by position so RoPE positions increase along it.
+                    let mut order: Vec<usize> = (0..kept.len()).collect();
+                    order.sort_by_key(|&i| kept[i]);
+                    kept = order.iter().map(|&i| kept[i]).collect();
+                    pillar = order.iter().map(|&i| pillar[i]).collect();
+                    tokens = tokens.select(Axis(0), &order);
+                }
+                Stage1Result { kept, pillar: Some(pillar), tokens }
+            }
+            Method::DivPrune => select(divprune(t.features.view(), keep)?),
+            Method::Dart => select(dart(t.features.view(), keep, dart_pivots(keep))?),
+            Method::Random => select(random(n, keep, self.seed)?),
+            Method::Pool => {
+                let (h, w) = pool_grid(t.grid_h, t.grid_w, keep);
+                let out = pool(t.features.view(), t.grid_h, t.grid_w, h, w)?;
+                Stage1Result { kept: out.positions, pillar: None, tokens: out.tokens }
+            }
+            Method::None | Method::FastV => Stage1Result { kept: (0..n).collect(), pillar: None, tokens: t.features.clone() },
+        })
+    }
+
+    /// Runs Stage 2 (Nüwa, or FastV's selection) on the head's attention row; indices relative to the image span.
+    pub fn stage2(&self, r: &Resolved, attention_row: &[f32], image_span: std::ops::Range<usize>) -> Result<Option<Vec<usize>>> {
+        let Some(keep) = r.stage2 else { return Ok(None) };
+        match self.method {
+            Method::Nuwa => nuwa_stage2(attention_row, image_span, keep).map(Some),
+            Method::FastV => fastv(attention_row, image_span, keep).map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// DART's pivot count: the official code uses 8 pivots at 576 tokens; at least 1, at most half the kept tokens.
+fn dart_pivots(keep: usize) -> usize {
+    8.min(keep.div_ceil(2)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(method: Method, amount: Amount) -> PruneConfig {
+        PruneConfig { method, amount, positions: None, seed: 0 }
+    }
+
+    #[test]
+    fn presets_resolve_to_the_published_counts_on_24x24() {
+        let r = cfg(Method::Nuwa, Amount::Budget(64)).resolve(24, 24).expect("resolve");
+        assert_eq!((r.stage1, r.top_n, r.stage2), (Some(112), 1, Some(16)));
+        let r = cfg(Method::Nuwa, Amount::Budget(192)).resolve(24, 24).expect("resolve");
+        assert_eq!((r.stage1, r.top_n, r.stage2), (Some(336), 3, Some(48)));
+        let r = cfg(Method::VisionZip, Amount::Budget(64)).resolve(24, 24).expect("resolve");
+        assert_eq!((r.stage1, r.stage2, r.positions), (Some(64), None, PositionPolicy::Contiguous));
+        let r = cfg(Method::FastV, Amount::Budget(128)).resolve(24, 24).expect("resolve");
+        assert_eq!((r.stage1, r.stage2), (None, Some(32)));
+    }
+
+    #[test]
+    fn full_budget_means_no_pruning_and_bad_requests_are_named() {
+        for m in [Method::Nuwa, Method::FastV, Method::DivPrune, Method::Pool] {
+            let r = cfg(m, Amount::Budget(576)).resolve(24, 24).expect("resolve");
+            assert_eq!((r.stage1, r.stage2), (None, None), "{m}");
+            let r = cfg(m, Amount::Budget(81)).resolve(9, 9).expect("resolve");
+            assert_eq!((r.stage1, r.stage2), (None, None), "{m}");
+        }
+        // A preset prunes even on a grid smaller than its number: it is a share of the grid.
+        let r = cfg(Method::Nuwa, Amount::Budget(128)).resolve(9, 9).expect("resolve");
+        assert_eq!((r.stage1, r.stage2), (Some(32), Some(5)));
+        let e = cfg(Method::Nuwa, Amount::Budget(100)).resolve(24, 24).expect_err("bad budget");
+        assert!(e.to_string().contains("64, 128 and 192"), "{e}");
+        let e = cfg(Method::Nuwa, Amount::All).resolve(24, 24).expect_err("no amount");
+        assert!(e.to_string().contains("--budget"), "{e}");
+        let e = "fastest".parse::<Method>().expect_err("unknown");
+        assert!(e.to_string().contains("nuwa") && e.to_string().contains("fastest"), "{e}");
+        let e = cfg(Method::Nuwa, Amount::Keep { keep1: 10, keep2: 20 }).resolve(24, 24).expect_err("keep2 > keep1");
+        assert!(e.to_string().contains("--keep2"), "{e}");
+        assert_eq!("divprune".parse::<Method>().expect("parse").to_string(), "divprune");
+    }
+}
