@@ -34,6 +34,7 @@ pub mod bench;
 pub mod boxes;
 pub mod decoder;
 pub mod detok;
+pub mod dump;
 pub mod embeddings;
 pub mod error;
 pub mod image;
@@ -47,6 +48,7 @@ pub mod runtime;
 pub mod sampler;
 pub mod stats;
 pub mod vision;
+pub mod viz;
 
 pub use error::{Error, Result};
 pub use pipeline::{GenerationParams, ImageInput, LoadOptions, Model, Output, Request, Step};

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ndarray::{s, Array2};
+use ndarray::{s, Array2, Array4, Axis};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
@@ -18,6 +18,7 @@ use crate::image::{self, ImageLimits, PixelBatch, ResizeRecord};
 use crate::kv::KvCache;
 use crate::manifest::Manifest;
 use crate::prompt::{self, PromptLayout};
+use crate::prune::{PositionPolicy, PruneConfig, Stage1Result};
 use crate::runtime::{Provider, Runtime, SessionOptions};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::stats::{ms_since, peak_rss_mb, Stats};
@@ -82,12 +83,41 @@ pub struct GenerationParams {
     pub sampler: SamplerConfig,
     /// Image size limits (the minimum side is raised to the model's patch size).
     pub limits: ImageLimits,
+    /// Visual token pruning.
+    pub prune: PruneConfig,
+    /// Keep the intermediate tensors of the request ([`Generation::trace`]) for `--dump` and `--viz`.
+    pub record: bool,
 }
 
 impl Default for GenerationParams {
     fn default() -> Self {
-        GenerationParams { max_new_tokens: 128, sampler: SamplerConfig::default(), limits: ImageLimits::default() }
+        GenerationParams {
+            max_new_tokens: 128,
+            sampler: SamplerConfig::default(),
+            limits: ImageLimits::default(),
+            prune: PruneConfig::default(),
+            record: false,
+        }
     }
+}
+
+/// The intermediate tensors of one request, kept when [`GenerationParams::record`] is set.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    /// Preprocessed pixels `[1, 3, H, W]`.
+    pub pixels: Array4<f32>,
+    /// Every vision output.
+    pub vision: VisionTokens,
+    /// What Stage 1 kept (indices, pillar flags, aggregated features).
+    pub stage1: Stage1Result,
+    /// Projector output for the kept tokens.
+    pub image_embeds: Array2<f32>,
+    /// The prompt layout (ids, positions, image span).
+    pub layout: PromptLayout,
+    /// The Stage-2 signal: head-mean attention of the last prompt token at layer K-1, over the prompt.
+    pub attention_row: Vec<f32>,
+    /// Stage-2 kept indices relative to the image span (None: Stage 2 kept everything).
+    pub stage2: Option<Vec<usize>>,
 }
 
 /// One request: an image, a prompt and settings.
@@ -266,7 +296,14 @@ impl Model {
         if request.prompt.trim().is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
-        let mut stats = Stats { provider: format!("{:?}", self.provider()).to_lowercase(), ..Stats::default() };
+        let v = &self.manifest.vision;
+        let resolved = params.prune.resolve(v.grid_h, v.grid_w)?;
+        let mut stats = Stats {
+            provider: format!("{:?}", self.provider()).to_lowercase(),
+            method: params.prune.method.to_string(),
+            positions: format!("{:?}", resolved.positions).to_lowercase(),
+            ..Stats::default()
+        };
 
         let pixels = self.preprocess(&request.image, &params.limits)?;
         stats.preprocess_ms = ms_since(t0);
@@ -277,15 +314,26 @@ impl Model {
         let total_visual = tokens.features.nrows();
         stats.visual_tokens_in = total_visual;
 
-        // Stage 1 (no pruning here): every token kept at its raster position.
-        let kept1: Vec<usize> = (0..total_visual).collect();
-        stats.visual_tokens_after_stage1 = kept1.len();
+        let t = Instant::now();
+        let stage1 = params.prune.stage1(&resolved, &tokens)?;
+        stats.stage1_ms = ms_since(t);
+        stats.visual_tokens_after_stage1 = stage1.kept.len();
+        stats.kept_stage1 = stage1.kept.clone();
 
         let t = Instant::now();
-        let visual = self.project(tokens.features.view())?;
+        let visual = self.project(stage1.tokens.view())?;
         stats.projector_ms = ms_since(t);
 
-        let layout = prompt::layout(&self.tokenizer, &self.manifest, &request.prompt, &kept1, total_visual)?;
+        let m = stage1.kept.len();
+        let contiguous: Vec<usize>;
+        let (slots, slot_count) = match resolved.positions {
+            PositionPolicy::Original => (&stage1.kept, total_visual),
+            PositionPolicy::Contiguous => {
+                contiguous = (0..m).collect();
+                (&contiguous, m)
+            }
+        };
+        let layout = prompt::layout(&self.tokenizer, &self.manifest, &request.prompt, slots, slot_count)?;
         let max_pos = self.manifest.decoder.max_position_embeddings as i64;
         if layout.next_position >= max_pos {
             return Err(Error::ContextOverflow(format!(
@@ -299,19 +347,48 @@ impl Model {
         let embeds = self.embed(&layout, &visual)?;
         let capacity = layout.len() + params.max_new_tokens;
         let mut head_kv = self.head.new_cache(capacity);
-        let mut tail_kv = self.tail.new_cache(capacity);
-        let (hidden, _row) = match self.head.run(embeds.view(), &layout.positions, &mut head_kv)? {
+        let (hidden, attention_row) = match self.head.run(embeds.view(), &layout.positions, &mut head_kv)? {
             HalfOutput::Head { hidden, attention_row } => (hidden, attention_row),
             HalfOutput::Tail { .. } => return Err(Error::Session { stage: "decoder head", message: "head returned logits".into() }),
         };
-        // Stage 2 (no pruning here): the tail sees every prompt token.
-        stats.visual_tokens_after_stage2 = layout.image_span.len();
+
+        let t2 = Instant::now();
+        let span = layout.image_span.clone();
+        let stage2 = params.prune.stage2(&resolved, &attention_row, span.clone())?;
+        let (tail_hidden, tail_positions) = match &stage2 {
+            None => (hidden, layout.positions.clone()),
+            Some(rel) => {
+                let keep: Vec<usize> = (0..span.start).chain(rel.iter().map(|&k| span.start + k)).chain(span.end..layout.len()).collect();
+                let positions = keep.iter().map(|&i| layout.positions[i]).collect();
+                (hidden.select(Axis(0), &keep), positions)
+            }
+        };
+        stats.stage2_ms = ms_since(t2);
+        stats.kept_stage2 = match &stage2 {
+            None => stage1.kept.clone(),
+            Some(rel) => rel.iter().map(|&k| stage1.kept[k]).collect(),
+        };
+        stats.visual_tokens_after_stage2 = stats.kept_stage2.len();
         stats.visual_tokens_kept = stats.visual_tokens_after_stage2;
-        let logits = match self.tail.run(hidden.view(), &layout.positions, &mut tail_kv)? {
+
+        let mut tail_kv = self.tail.new_cache(tail_positions.len() + params.max_new_tokens);
+        let logits = match self.tail.run(tail_hidden.view(), &tail_positions, &mut tail_kv)? {
             HalfOutput::Tail { logits } => logits,
             HalfOutput::Head { .. } => return Err(Error::Session { stage: "decoder tail", message: "tail returned hidden states".into() }),
         };
         stats.prefill_ms = ms_since(t);
+
+        let trace = params.record.then(|| {
+            Box::new(Trace {
+                pixels: pixels.pixels.clone(),
+                vision: tokens,
+                stage1,
+                image_embeds: visual,
+                layout: layout.clone(),
+                attention_row,
+                stage2,
+            })
+        });
 
         Ok(Generation {
             model: self.clone(),
@@ -329,6 +406,7 @@ impl Model {
             stats,
             started: t0,
             decode_started: None,
+            trace,
         })
     }
 }
@@ -350,6 +428,7 @@ pub struct Generation {
     stats: Stats,
     started: Instant,
     decode_started: Option<Instant>,
+    trace: Option<Box<Trace>>,
 }
 
 impl Generation {
@@ -432,6 +511,11 @@ impl Generation {
     /// The logits the next [`Generation::step`] will sample from, if it will sample.
     pub fn peek_logits(&self) -> Option<&[f32]> {
         self.logits.as_deref()
+    }
+
+    /// The request's intermediate tensors, when it was made with `record`.
+    pub fn trace(&self) -> Option<&Trace> {
+        self.trace.as_deref()
     }
 
     /// Text generated so far.

@@ -7,6 +7,10 @@ use serde::Serialize;
 pub struct Stats {
     /// Execution provider running the sessions.
     pub provider: String,
+    /// Pruning method.
+    pub method: String,
+    /// Position convention of the kept visual tokens.
+    pub positions: String,
     /// Image decoding and preprocessing.
     pub preprocess_ms: f64,
     /// Vision tower.
@@ -33,6 +37,10 @@ pub struct Stats {
     pub visual_tokens_after_stage2: usize,
     /// Visual tokens the last decoder layer attends to.
     pub visual_tokens_kept: usize,
+    /// Original raster indices of the tokens Stage 1 kept (what the decoder head sees), in sequence order.
+    pub kept_stage1: Vec<usize>,
+    /// Original raster indices of the tokens Stage 2 kept (what the decoder tail sees).
+    pub kept_stage2: Vec<usize>,
     /// Prompt tokens, visual tokens included, as the decoder head sees them.
     pub prompt_tokens: usize,
     /// Tokens generated (the end-of-sequence token excluded).

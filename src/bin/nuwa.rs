@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use nuwa::pipeline::{GenerationParams, ImageInput, LoadOptions, Model, Request};
+use nuwa::prune::{Amount, Method, PositionPolicy, PruneConfig};
 use nuwa::runtime::{Provider, Runtime};
 use nuwa::sampler::SamplerConfig;
 
@@ -86,9 +87,49 @@ struct RunArgs {
     /// Nucleus sampling threshold.
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
-    /// Sampling seed.
+    /// Sampling seed (also seeds `--prune random`).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    prune: PruneArgs,
+    /// Write every intermediate tensor of the request as .npy files with an index.json into this directory.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// Write the image with the kept tokens (yellow: pillars, cyan: aggregated, white frame: kept by Stage 2) and
+    /// predicted boxes (red) drawn on it.
+    #[arg(long)]
+    viz: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    /// Pruning method: none, nuwa, fastv, visionzip, divprune, dart, pool, random.
+    #[arg(long, default_value = "none")]
+    prune: Method,
+    /// Budget in average visual tokens per layer: 64, 128 or 192 (LLaVA-1.5 presets, scaled to the model's grid), or
+    /// the full token count for no pruning.
+    #[arg(long, conflicts_with_all = ["keep1", "keep2"])]
+    budget: Option<usize>,
+    /// Visual tokens kept by Stage 1 (or by a Stage-1-only method).
+    #[arg(long, requires = "keep2")]
+    keep1: Option<usize>,
+    /// Visual tokens kept by Stage 2 (or by FastV).
+    #[arg(long, requires = "keep1")]
+    keep2: Option<usize>,
+    /// Position ids of kept tokens: original (default) or contiguous (VisionZip's default).
+    #[arg(long)]
+    positions: Option<PositionPolicy>,
+}
+
+impl PruneArgs {
+    fn config(&self, seed: u64) -> PruneConfig {
+        let amount = match (self.budget, self.keep1, self.keep2) {
+            (Some(b), _, _) => Amount::Budget(b),
+            (None, Some(keep1), Some(keep2)) => Amount::Keep { keep1, keep2 },
+            _ => Amount::All,
+        };
+        PruneConfig { method: self.prune, amount, positions: self.positions, seed }
+    }
 }
 
 #[derive(Args)]
@@ -136,11 +177,21 @@ fn run(a: RunArgs) -> Result<()> {
     if !a.image.is_file() {
         anyhow::bail!("image {} does not exist or is not a file", a.image.display());
     }
+    let prune = a.prune.config(a.seed);
     let model = a.model.load()?;
+    let m = model.manifest();
+    // Fail on a bad method/budget before any model work.
+    prune.resolve(m.vision.grid_h, m.vision.grid_w)?;
     let request = Request {
         image: ImageInput::Path(a.image.clone()),
         prompt: a.prompt.clone(),
-        params: GenerationParams { max_new_tokens: a.max_tokens, sampler, ..GenerationParams::default() },
+        params: GenerationParams {
+            max_new_tokens: a.max_tokens,
+            sampler,
+            prune: prune.clone(),
+            record: a.dump.is_some() || a.viz.is_some(),
+            ..GenerationParams::default()
+        },
     };
     let mut generation = model.generate(&request).with_context(|| format!("processing {}", a.image.display()))?;
     if a.json {
@@ -187,6 +238,30 @@ fn run(a: RunArgs) -> Result<()> {
             s.visual_tokens_kept,
             s.provider
         );
+    }
+    write_artifacts(&a, &model, &generation, &prune)
+}
+
+fn write_artifacts(a: &RunArgs, model: &Model, generation: &nuwa::pipeline::Generation, prune: &PruneConfig) -> Result<()> {
+    let Some(trace) = generation.trace() else { return Ok(()) };
+    let out = generation.output();
+    if let Some(dir) = &a.dump {
+        let request = serde_json::json!({
+            "model": model.manifest().id,
+            "image": a.image,
+            "prompt": a.prompt,
+            "prune": prune,
+            "text": out.text,
+            "boxes": out.boxes,
+        });
+        nuwa::dump::write_trace(dir, trace, request).with_context(|| format!("writing --dump {}", dir.display()))?;
+        eprintln!("nuwa: wrote the request's tensors to {}", dir.display());
+    }
+    if let Some(path) = &a.viz {
+        let bytes = std::fs::read(&a.image).with_context(|| format!("reading {}", a.image.display()))?;
+        let original = nuwa::image::decode_image(&bytes, &nuwa::image::ImageLimits::default())?;
+        nuwa::viz::render(&original, &out.resize, trace, model.manifest().vision.patch_size, &out.boxes, path)?;
+        eprintln!("nuwa: wrote {}", path.display());
     }
     Ok(())
 }

@@ -1,0 +1,222 @@
+//! Pruning inside the pipeline: every method end to end, the full budget equal to no pruning, Stage 2 shortening
+//! the tail's KV cache, and the position convention, on the committed fixtures.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+
+use nuwa::npy::NpyArray;
+use nuwa::pipeline::{Generation, GenerationParams, ImageInput, LoadOptions, Model, Output, Request};
+use nuwa::prune::{nuwa_stage1, Amount, Method, PositionPolicy, PruneConfig, METHOD_NAMES};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model(id: &str) -> Arc<Model> {
+    Model::load(root().join("models").join(id), &LoadOptions { vision_fp32: true, ..Default::default() }).expect("load")
+}
+
+fn image() -> ImageInput {
+    ImageInput::Path(root().join("examples/coco-000000000139.jpg"))
+}
+
+fn run(model: &Arc<Model>, prune: PruneConfig, tokens: usize) -> (Generation, Output) {
+    let req = Request {
+        image: image(),
+        prompt: "Please provide the bounding box coordinate of the region this sentence describes: the person.".into(),
+        params: GenerationParams { max_new_tokens: tokens, prune, record: true, ..Default::default() },
+    };
+    let mut g = model.generate(&req).expect("generate");
+    g.run_to_end(|_| true).expect("decode");
+    let out = g.output();
+    (g, out)
+}
+
+fn cfg(method: Method, amount: Amount) -> PruneConfig {
+    PruneConfig { method, amount, positions: None, seed: 7 }
+}
+
+#[test]
+fn full_budget_is_identical_to_no_pruning() {
+    for id in ["tiny-llava-clip", "tiny-llava-dinov2"] {
+        let m = model(id);
+        let n = m.manifest().vision.num_tokens();
+        let (_, none) = run(&m, PruneConfig::default(), 12);
+        for method in [Method::Nuwa, Method::FastV, Method::VisionZip, Method::DivPrune, Method::Dart, Method::Pool, Method::Random] {
+            for amount in [Amount::Budget(n), Amount::Keep { keep1: n, keep2: n }] {
+                let (_, full) = run(&m, cfg(method, amount), 12);
+                assert_eq!(full.tokens, none.tokens, "{id} {method} {amount:?}");
+                assert_eq!(full.text, none.text);
+                assert_eq!(full.stats.visual_tokens_kept, n);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_method_runs_with_the_counts_its_budget_resolves_to() {
+    let m = model("tiny-llava-clip");
+    let v = &m.manifest().vision;
+    let n = v.num_tokens();
+    for name in METHOD_NAMES {
+        let method: Method = name.parse().expect("method");
+        let prune = if method == Method::None { PruneConfig::default() } else { cfg(method, Amount::Budget(64)) };
+        let r = prune.resolve(v.grid_h, v.grid_w).expect("resolve");
+        let (g, out) = run(&m, prune, 4);
+        let s = &out.stats;
+        assert_eq!(s.method, name);
+        assert_eq!(s.visual_tokens_in, n);
+        assert_eq!(s.visual_tokens_after_stage1, r.stage1.unwrap_or(n), "{name}");
+        assert_eq!(s.visual_tokens_after_stage2, r.stage2.unwrap_or(s.visual_tokens_after_stage1), "{name}");
+        assert_eq!(s.kept_stage1.len(), s.visual_tokens_after_stage1);
+        assert_eq!(s.kept_stage2.len(), s.visual_tokens_after_stage2);
+        assert!(s.kept_stage1.iter().all(|&k| k < n));
+        assert!(s.kept_stage2.iter().all(|k| s.kept_stage1.contains(k)), "{name}: stage 2 keeps a subset of stage 1");
+        if r.positions == PositionPolicy::Original {
+            assert!(s.kept_stage1.windows(2).all(|w| w[0] < w[1]), "{name}: kept indices sorted and unique");
+        }
+        assert_eq!(out.tokens.len(), 4, "{name}");
+        let trace = g.trace().expect("trace");
+        assert_eq!(trace.stage1.tokens.nrows(), s.visual_tokens_after_stage1);
+        assert_eq!(trace.image_embeds.nrows(), s.visual_tokens_after_stage1);
+    }
+    assert_eq!(METHOD_NAMES.len(), 8);
+}
+
+#[test]
+fn nuwa_budget_presets_prune_both_stages_and_shorten_the_tail_cache() {
+    let m = model("tiny-llava-clip");
+    let d = &m.manifest().decoder;
+    let row_bytes = 2 * d.num_key_value_heads * d.head_dim * 4;
+    let (_, none) = run(&m, PruneConfig::default(), 6);
+    let mut previous = 0;
+    for budget in [64, 128, 192] {
+        let (g, out) = run(&m, cfg(Method::Nuwa, Amount::Budget(budget)), 6);
+        let s = &out.stats;
+        assert!(s.visual_tokens_after_stage1 < s.visual_tokens_in, "budget {budget}");
+        assert!(s.visual_tokens_after_stage2 < s.visual_tokens_after_stage1, "budget {budget}");
+        assert!(s.visual_tokens_after_stage1 > previous, "larger budgets keep more");
+        previous = s.visual_tokens_after_stage1;
+        // The head holds every Stage-1 token; the tail only the Stage-2 survivors.
+        let trace = g.trace().expect("trace");
+        let cached = trace.layout.len() + out.tokens.len() - 1;
+        assert_eq!(s.kv_bytes_per_head_layer, cached * row_bytes);
+        let tail_cached = cached - (s.visual_tokens_after_stage1 - s.visual_tokens_after_stage2);
+        assert_eq!(s.kv_bytes_per_tail_layer, tail_cached * row_bytes);
+        assert!(s.kv_bytes_per_tail_layer < s.kv_bytes_per_head_layer);
+        assert!(s.kv_bytes_per_head_layer < none.stats.kv_bytes_per_head_layer, "stage 1 shortens the head cache too");
+        // Pillars and aggregated anchors are both present.
+        let pillars = trace.stage1.pillar.as_ref().expect("pillar flags");
+        assert!(pillars.iter().any(|&p| p) && pillars.iter().any(|&p| !p));
+    }
+}
+
+#[test]
+fn pruned_tokens_keep_original_positions_and_text_continues_as_if_unpruned() {
+    let m = model("tiny-llava-clip");
+    let n = m.manifest().vision.num_tokens();
+    let (g, out) = run(&m, cfg(Method::Nuwa, Amount::Budget(64)), 3);
+    let t = g.trace().expect("trace");
+    let span = t.layout.image_span.clone();
+    for (k, &raster) in out.stats.kept_stage1.iter().enumerate() {
+        assert_eq!(t.layout.positions[span.start + k], (span.start + raster) as i64);
+    }
+    let after = t.layout.positions[span.end];
+    assert_eq!(after, (span.start + n) as i64, "text after the image starts where it would without pruning");
+    let unpruned = t.layout.len() - span.len() + n;
+    assert_eq!(t.layout.next_position, unpruned as i64, "decoding continues at the unpruned prompt length");
+
+    // The contiguous policy (VisionZip's) re-indexes instead.
+    let prune = PruneConfig { positions: Some(PositionPolicy::Contiguous), ..cfg(Method::Nuwa, Amount::Budget(64)) };
+    let (g, _) = run(&m, prune, 3);
+    let t = g.trace().expect("trace");
+    let span = t.layout.image_span.clone();
+    let expected: Vec<i64> = (0..t.layout.len() as i64).collect();
+    assert_eq!(t.layout.positions, expected);
+    assert_eq!(t.layout.next_position, t.layout.len() as i64);
+    assert!(span.len() < n);
+}
+
+#[test]
+fn stage1_in_the_pipeline_is_the_pure_function_on_the_vision_signals() {
+    let m = model("tiny-llava-clip");
+    let v = &m.manifest().vision;
+    let prune = cfg(Method::Nuwa, Amount::Budget(128));
+    let r = prune.resolve(v.grid_h, v.grid_w).expect("resolve");
+    let (g, _) = run(&m, prune, 2);
+    let t = g.trace().expect("trace");
+    let plan = nuwa::prune::PrunePlan { top_n: r.top_n, keep1: r.stage1.expect("stage 1"), keep2: 1 };
+    let out = nuwa_stage1(
+        t.vision.cls_attention.as_deref().expect("cls"),
+        t.vision.similarity.view(),
+        t.vision.features.view(),
+        v.grid_h,
+        v.grid_w,
+        &plan.stage1_config(v.grid_h, v.grid_w),
+    )
+    .expect("stage 1");
+    assert_eq!(out.kept, t.stage1.kept);
+    assert_eq!(out.tokens, t.stage1.tokens);
+    // Stage 2 is the top of the attention row over the image span.
+    let rel = t.stage2.as_ref().expect("stage 2 ran");
+    let row = &t.attention_row[t.layout.image_span.clone()];
+    let worst_kept = rel.iter().map(|&k| row[k]).fold(f32::INFINITY, f32::min);
+    let best_dropped = (0..row.len()).filter(|k| !rel.contains(k)).map(|k| row[k]).fold(f32::NEG_INFINITY, f32::max);
+    assert!(worst_kept >= best_dropped);
+}
+
+fn nuwa_cli(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nuwa")).args(args).output().expect("run nuwa")
+}
+
+#[test]
+fn cli_dump_and_viz_write_what_the_request_used() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("dump-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let viz = dir.join("viz.png");
+    let model_dir = root().join("models/tiny-llava-clip");
+    let img = root().join("examples/coco-000000000139.jpg");
+    let out = nuwa_cli(&[
+        "run", "--model", model_dir.to_str().expect("utf8"), "--image", img.to_str().expect("utf8"), "--prompt", "Describe the image.",
+        "--max-tokens", "3", "--prune", "nuwa", "--budget", "64", "--json", "--dump", dir.to_str().expect("utf8"), "--viz", viz.to_str().expect("utf8"),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let s = &v["stats"];
+    for key in ["visual_tokens_after_stage1", "visual_tokens_after_stage2", "stage1_ms", "stage2_ms", "kept_stage1", "kept_stage2"] {
+        assert!(s.get(key).is_some(), "missing stats.{key}");
+    }
+    let kept1: Vec<i64> = s["kept_stage1"].as_array().expect("array").iter().map(|x| x.as_i64().expect("int")).collect();
+    assert_eq!(NpyArray::read(dir.join("stage1_kept.npy")).expect("npy").to_i64(), Some(kept1));
+    let kept2: Vec<i64> = s["kept_stage2"].as_array().expect("array").iter().map(|x| x.as_i64().expect("int")).collect();
+    assert_eq!(NpyArray::read(dir.join("stage2_kept.npy")).expect("npy").to_i64(), Some(kept2));
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("index.json")).expect("index")).expect("json");
+    for name in ["pixel_values", "vision_features", "vision_cls_attention", "vision_similarity", "stage1_pillar", "stage1_tokens", "image_embeds", "stage2_attention_row", "prompt_positions"] {
+        let file = index["arrays"][name]["file"].as_str().unwrap_or_else(|| panic!("index lacks {name}"));
+        assert!(dir.join(file).is_file(), "{file}");
+    }
+    let png = image::open(&viz).expect("viz png");
+    assert_eq!((png.width(), png.height()), (400, 266), "drawn on the original image");
+}
+
+#[test]
+fn cli_rejects_unknown_methods_and_invalid_budgets() {
+    let model_dir = root().join("models/tiny-llava-clip");
+    let img = root().join("examples/coco-000000000139.jpg");
+    let base = ["run", "--model", model_dir.to_str().expect("utf8"), "--image", img.to_str().expect("utf8"), "--prompt", "Hi"];
+    let cases: [(&[&str], &str); 4] = [
+        (&["--prune", "fastest", "--budget", "64"], "unknown pruning method"),
+        (&["--prune", "nuwa", "--budget", "50"], "64, 128 and 192"),
+        (&["--prune", "nuwa"], "--budget"),
+        (&["--prune", "nuwa", "--keep1", "4", "--keep2", "9"], "--keep2"),
+    ];
+    for (extra, needle) in cases {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let out = nuwa_cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} succeeded");
+        assert!(stderr.contains(needle), "{extra:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
