@@ -184,6 +184,15 @@ impl Model {
     /// Loads the model directory `dir`: manifest, ONNX Runtime, sessions (validated), tokenizer, embeddings.
     pub fn load(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Arc<Model>> {
         let manifest = Manifest::load(dir)?;
+        // Cheap file checks first, so a broken directory fails before any graph is parsed.
+        let emb_path = manifest.file(&manifest.embeddings.file);
+        let embeddings = Embeddings::open(&emb_path, &manifest.embeddings)?;
+        let tok_path = manifest.file(&manifest.tokenizer.file);
+        if !tok_path.is_file() {
+            return Err(Error::ModelFile { path: tok_path, message: "not found (named by manifest field tokenizer.file)".into() });
+        }
+        let tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| Error::ModelFile { path: tok_path.clone(), message: format!("not a tokenizer.json: {e}") })?;
         let runtime = Runtime::get(opts.ort_library.as_deref())?;
         let sopts = SessionOptions { provider: opts.provider, intra_threads: opts.intra_threads };
         let mut notes = Vec::new();
@@ -197,14 +206,6 @@ impl Model {
         let projector = Projector::load(&runtime, &manifest, &sopts, &mut notes)?;
         let head = DecoderHalf::load(&runtime, &manifest, Half::Head, &sopts, &mut notes)?;
         let tail = DecoderHalf::load(&runtime, &manifest, Half::Tail, &sopts, &mut notes)?;
-        let tok_path = manifest.file(&manifest.tokenizer.file);
-        if !tok_path.is_file() {
-            return Err(Error::ModelFile { path: tok_path, message: "not found (named by manifest field tokenizer.file)".into() });
-        }
-        let tokenizer = Tokenizer::from_file(&tok_path)
-            .map_err(|e| Error::ModelFile { path: tok_path.clone(), message: format!("not a tokenizer.json: {e}") })?;
-        let emb_path = manifest.file(&manifest.embeddings.file);
-        let embeddings = Embeddings::open(&emb_path, &manifest.embeddings)?;
         Ok(Arc::new(Model { manifest, tokenizer: Arc::new(tokenizer), embeddings, vision, projector, head, tail, notes, runtime }))
     }
 
