@@ -206,6 +206,7 @@ impl Model {
         let projector = Projector::load(&runtime, &manifest, &sopts, &mut notes)?;
         let head = DecoderHalf::load(&runtime, &manifest, Half::Head, &sopts, &mut notes)?;
         let tail = DecoderHalf::load(&runtime, &manifest, Half::Tail, &sopts, &mut notes)?;
+        notes.dedup();
         Ok(Arc::new(Model { manifest, tokenizer: Arc::new(tokenizer), embeddings, vision, projector, head, tail, notes, runtime }))
     }
 

@@ -187,7 +187,7 @@ impl Runtime {
             match self.try_provider(options, path) {
                 Ok(session) => return Ok(OpenedSession { session, stage, path: path.to_path_buf(), provider: options.provider, note }),
                 Err(why) => {
-                    note = Some(format!("{} requested for {stage} but {why}; running on CPU", options.provider.ort_name()));
+                    note = Some(format!("{} requested but {why}; running on CPU", options.provider.ort_name()));
                 }
             }
         }

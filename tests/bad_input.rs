@@ -258,3 +258,32 @@ fn good_input_still_works() {
     }
     assert_eq!(v["tokens"].as_array().expect("tokens").len(), 3);
 }
+
+#[test]
+fn a_file_that_is_not_onnxruntime_is_explained() {
+    let dir = scratch("fake-ort");
+    let fake = dir.join("libonnxruntime.so");
+    std::fs::write(&fake, b"not a shared library").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_nuwa"))
+        .args(["info", "--model", fixture().to_str().expect("utf8")])
+        .env("ORT_DYLIB_PATH", &fake)
+        .output()
+        .expect("run");
+    assert_fails(&out, &["cannot load", "libonnxruntime.so"]);
+}
+
+#[test]
+fn unavailable_execution_provider_falls_back_to_cpu_and_says_so() {
+    let out = nuwa(&["run", "--model", fixture().to_str().expect("utf8"), "--image", example_image().to_str().expect("utf8"), "--prompt", "Describe the image.", "--max-tokens", "2", "--provider", "cuda", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("CUDAExecutionProvider") && stderr.contains("running on CPU"), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["stats"]["provider"], "cpu");
+    let out = nuwa(&["info", "--model", fixture().to_str().expect("utf8"), "--provider", "coreml"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CoreMLExecutionProvider"));
+    let out = nuwa(&["info", "--model", fixture().to_str().expect("utf8"), "--provider", "tpu"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown execution provider"));
+}
