@@ -48,6 +48,8 @@ def parse_args(argv=None):
 
 
 def load_checkpoint(path: Path):
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"error: {path} is not a Hugging Face checkpoint directory (no config.json)")
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(str(path))

@@ -29,7 +29,11 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn copy_model(to: &Path) {
-    for entry in std::fs::read_dir(fixture()).expect("fixture") {
+    copy_model_from(&fixture(), to);
+}
+
+fn copy_model_from(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).expect("fixture") {
         let entry = entry.expect("entry");
         if entry.file_type().expect("type").is_file() {
             std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
@@ -215,12 +219,7 @@ fn truncated_embedding_table_is_rejected() {
     // tiny-llava-clip shares its tied table with the tail's weight file; tiny-llava-dinov2 ships an f16 table.
     for id in ["tiny-llava-clip", "tiny-llava-dinov2"] {
         let dir = scratch("short-embed");
-        for entry in std::fs::read_dir(root().join("models").join(id)).expect("fixture") {
-            let entry = entry.expect("entry");
-            if entry.file_type().expect("type").is_file() {
-                std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
-            }
-        }
+        copy_model_from(&root().join("models").join(id), &dir);
         let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).expect("read")).expect("json");
         let name = m["embeddings"]["file"].as_str().expect("file");
         let file = dir.join(name);

@@ -20,6 +20,19 @@ from .vision import ProjectorWrapper, VisionWrapper
 OPSET = 17
 
 
+def _save(model, path: Path, external: bool) -> None:
+    """Writes `model` to `path`, weights in `<path>.data` when `external` (replacing any old one), and checks it."""
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
+
+
 def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
             dynamic_axes: dict, external: bool) -> None:
     """Export with the legacy exporter, then re-save (optionally with all weights in `<file>.data`)."""
@@ -32,15 +45,7 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
     model = onnx.load(str(tmp), load_external_data=True)
     for f in tmp.parent.glob(tmp.name + "*"):
         f.unlink()
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=0)
-    else:
-        onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path))
+    _save(model, path, external)
 
 
 def export_vision(wrapper: VisionWrapper, height: int, width: int, path: Path, external: bool) -> None:
@@ -96,15 +101,7 @@ def _lm_head_as_gemm(path: Path, weight: np.ndarray, external: bool) -> None:
         break
     else:
         raise RuntimeError("lm_head MatMul not found in the tail graph")
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=0)
-    else:
-        onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path))
+    _save(model, path, external)
 
 
 def export_decoder(language_model, lm_head, split: int, head_path: Path, tail_path: Path,
