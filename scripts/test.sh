@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup-ort.sh
-cargo test --release --all-targets "$@"
+# Library, binary and integration tests; benchmarks are compiled (so they cannot rot) but not run here.
+cargo test --release --lib --bins --tests "$@"
+cargo bench --no-run --quiet
