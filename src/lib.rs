@@ -37,6 +37,7 @@ pub mod detok;
 pub mod dump;
 pub mod embeddings;
 pub mod error;
+pub mod eval;
 pub mod image;
 pub mod kv;
 pub mod manifest;

@@ -25,6 +25,8 @@ enum Command {
     Info(InfoArgs),
     /// Measure per-token decode time at several context lengths.
     Bench(BenchArgs),
+    /// Grounding and VQA accuracy on a JSONL data set, for one pruning setting or a sweep of methods and budgets.
+    Eval(EvalArgs),
 }
 
 #[derive(Args)]
@@ -156,12 +158,50 @@ struct BenchArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSON Lines data: {"image", "kind": "grounding", "prompt", "bbox": [x1, y1, x2, y2]} or {"image", "kind": "vqa",
+    /// "prompt", "answer"}; image paths relative to the file.
+    #[arg(long)]
+    data: PathBuf,
+    #[command(flatten)]
+    prune: PruneArgs,
+    /// Run several settings in one process: "METHOD:B1,B2;METHOD:B;none;..." (a method without budgets gets
+    /// 64,128,192). Without a value: every method at 64,128,192 plus none. The none run is always included.
+    #[arg(long, num_args = 0..=1, default_missing_value = "default", conflicts_with_all = ["prune", "budget", "keep1", "keep2"])]
+    sweep: Option<String>,
+    /// Write the table to OUT.md and OUT.json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only the first N non-blank lines of the data.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Most tokens generated per item (greedy decoding).
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Seed of `random` pruning.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print JSON (one run: its summary; a sweep: the table).
+    #[arg(long)]
+    json: bool,
+    /// Write every item's answer and verdict to this JSON Lines file.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Info(a) => info(a),
         Command::Bench(a) => bench(a),
+        Command::Eval(a) => eval(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -336,4 +376,119 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "model": model.manifest().id, "decode": rows }))?);
     }
     Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    use nuwa::eval::{self, progress::Progress, ItemEvent, Table};
+    let data = eval::Dataset::load(&a.data, a.limit).with_context(|| format!("reading --data {}", a.data.display()))?;
+    let template = a.prune.config(a.seed);
+    let settings = match &a.sweep {
+        Some(spec) => eval::parse_sweep(spec, &template)?,
+        None => vec![template],
+    };
+    let mut predictions = match &a.predictions {
+        Some(p) => {
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let file = std::fs::File::create(p).with_context(|| format!("creating --predictions {}", p.display()))?;
+            Some(std::io::BufWriter::new(file))
+        }
+        None => None,
+    };
+    let model = a.model.load()?;
+    eval::check_settings(&model, &settings)?;
+    let mut progress = Progress::new(data.items.len() * settings.len(), !a.quiet);
+    let mut runs = Vec::with_capacity(settings.len());
+    for prune in &settings {
+        let label = eval::label(prune);
+        progress.set_label(&label);
+        let run = eval::evaluate(&model, &data, prune, a.max_tokens, |e| progress.tick(matches!(e, ItemEvent::Failed(_))))?;
+        if let Some(w) = predictions.as_mut() {
+            for item in &run.items {
+                let mut v = serde_json::to_value(item)?;
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("run".into(), label.clone().into());
+                }
+                writeln!(w, "{v}").context("writing --predictions")?;
+            }
+        }
+        if settings.len() > 1 {
+            let s = eval::Summary::of(&run);
+            let acc = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.3}"));
+            progress.println(&format!(
+                "nuwa eval: {label}: grounding {} vqa {} ttft {:.1} ms",
+                acc(s.grounding_acc),
+                acc(s.vqa_acc),
+                s.mean_ttft_ms.unwrap_or(0.0)
+            ));
+        }
+        runs.push(run);
+    }
+    progress.finish();
+    if let Some(mut w) = predictions {
+        w.flush().context("writing --predictions")?;
+    }
+    let command = std::iter::once("nuwa".to_string()).chain(std::env::args().skip(1).map(shell_quote)).collect::<Vec<_>>().join(" ");
+    let table = Table::new(&model.manifest().id, &a.data, Some(command), a.max_tokens, data.items.len(), &runs);
+    report_unreadable(&table);
+    if let Some(out) = &a.out {
+        let (md, json) = table.write(out)?;
+        eprintln!("nuwa eval: wrote {} and {}", md.display(), json.display());
+    }
+    match (&a.sweep, table.rows.first()) {
+        (None, Some(row)) if a.json => println!("{}", serde_json::to_string_pretty(row)?),
+        (None, Some(r)) => {
+            let acc = |v: Option<f64>, c: usize, n: usize| v.map_or("n/a".to_string(), |x| format!("{x:.3} ({c}/{n})"));
+            println!(
+                "{} on {}: {} | grounding Acc@0.5 {} | VQA {} | mean TTFT {:.1} ms | visual tokens {:.1} -> {:.1} | unreadable {}",
+                table.model,
+                a.data.display(),
+                r.label,
+                acc(r.grounding_acc, r.grounding_correct, r.n_grounding),
+                acc(r.vqa_acc, r.vqa_correct, r.n_vqa),
+                r.mean_ttft_ms.unwrap_or(0.0),
+                r.mean_visual_tokens_after_stage1.unwrap_or(0.0),
+                r.mean_visual_tokens_kept.unwrap_or(0.0),
+                r.unreadable
+            );
+        }
+        _ if a.json => println!("{}", serde_json::to_string_pretty(&table)?),
+        _ => print!("{}", table.markdown()),
+    }
+    Ok(())
+}
+
+/// Quotes a command-line argument for a POSIX shell when it needs it (for the command recorded in a table).
+fn shell_quote(arg: String) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
+}
+
+/// Lists the lines that were not scored on stderr (dataset problems once; request failures per run).
+fn report_unreadable(table: &nuwa::eval::Table) {
+    const SHOWN: usize = 20;
+    let mut seen = std::collections::BTreeMap::new();
+    for row in &table.rows {
+        for u in &row.unreadable_items {
+            seen.entry((u.line, u.reason.clone())).or_insert_with(Vec::new).push(row.label.clone());
+        }
+    }
+    if seen.is_empty() {
+        return;
+    }
+    let lines: std::collections::BTreeSet<usize> = seen.keys().map(|(l, _)| *l).collect();
+    eprintln!("nuwa eval: {} unreadable line(s) in {}, not scored:", lines.len(), table.data.display());
+    let all = table.rows.len();
+    for ((line, reason), runs) in seen.iter().take(SHOWN) {
+        let which = if runs.len() == all { String::new() } else { format!(" (in {})", runs.join(", ")) };
+        eprintln!("  line {line}: {reason}{which}");
+    }
+    if seen.len() > SHOWN {
+        eprintln!("  ... and {} more (see unreadable_items in the JSON)", seen.len() - SHOWN);
+    }
 }

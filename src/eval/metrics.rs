@@ -1,0 +1,112 @@
+//! Scoring one answer: box IoU for grounding, normalised exact match for VQA.
+
+use serde::Serialize;
+
+/// What an item expects.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Expected {
+    /// A referring expression: the first predicted box must overlap `bbox` with IoU >= [`IOU_THRESHOLD`].
+    Grounding {
+        /// `[x1, y1, x2, y2]` in original-image pixels.
+        bbox: [f64; 4],
+    },
+    /// A question: the normalised answer must equal the normalised `answer`.
+    Vqa {
+        /// The expected answer as written in the data.
+        answer: String,
+    },
+}
+
+impl Expected {
+    /// `"grounding"` or `"vqa"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Expected::Grounding { .. } => "grounding",
+            Expected::Vqa { .. } => "vqa",
+        }
+    }
+}
+
+/// Grounding counts as correct at this IoU or above (Acc@0.5, as RefCOCO is reported).
+pub const IOU_THRESHOLD: f64 = 0.5;
+
+/// The verdict on one answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Score {
+    /// Whether the answer counts as correct.
+    pub correct: bool,
+    /// Grounding: IoU of the first predicted box with the expected box (None: no box was predicted, or VQA).
+    pub iou: Option<f64>,
+    /// Grounding: the first predicted box in original pixels.
+    pub predicted_box: Option<[f32; 4]>,
+    /// VQA: the normalised answer that was compared (the first word only for yes/no questions).
+    pub normalized: Option<String>,
+}
+
+/// Intersection over union of two `[x1, y1, x2, y2]` boxes; 0 when either is empty, has a non-finite coordinate, or
+/// they do not overlap.
+pub fn iou(a: [f64; 4], b: [f64; 4]) -> f64 {
+    if !a.iter().chain(&b).all(|v| v.is_finite()) {
+        return 0.0;
+    }
+    let area = |r: [f64; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
+    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = iw * ih;
+    let union = area(a) + area(b) - inter;
+    if union > 0.0 {
+        inter / union
+    } else {
+        0.0
+    }
+}
+
+const NUMBER_WORDS: [&str; 21] = [
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen",
+    "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+];
+
+/// Normalises an answer for comparison: lower case; every character that is neither alphanumeric nor whitespace
+/// (punctuation, symbols) becomes a space; whitespace runs collapse to one space, trimmed; number words `zero` to
+/// `twenty` become digits (`"Two."` -> `"2"`).
+pub fn normalize_answer(s: &str) -> String {
+    let cleaned: String = s.to_lowercase().chars().map(|c| if c.is_alphanumeric() { c } else { ' ' }).collect();
+    let words: Vec<String> = cleaned
+        .split_whitespace()
+        .map(|w| match NUMBER_WORDS.iter().position(|&n| n == w) {
+            Some(i) => i.to_string(),
+            None => w.to_string(),
+        })
+        .collect();
+    words.join(" ")
+}
+
+/// Whether a VQA answer is right: both sides normalised ([`normalize_answer`]); when the expected answer is `yes` or
+/// `no`, only the first word of the prediction is compared ("Yes, there is." counts as "yes").
+pub fn vqa_correct(expected: &str, predicted: &str) -> (bool, String) {
+    let want = normalize_answer(expected);
+    let mut got = normalize_answer(predicted);
+    if want == "yes" || want == "no" {
+        got = got.split(' ').next().unwrap_or_default().to_string();
+    }
+    (!want.is_empty() && got == want, got)
+}
+
+/// Scores a generated answer: `text` for VQA, `boxes` (original pixels, in the order they appear) for grounding,
+/// where only the first box counts and no box is wrong.
+pub fn score(expected: &Expected, text: &str, boxes: &[[f32; 4]]) -> Score {
+    match expected {
+        Expected::Grounding { bbox } => match boxes.first() {
+            None => Score { correct: false, iou: None, predicted_box: None, normalized: None },
+            Some(b) => {
+                let v = iou(*bbox, b.map(f64::from));
+                Score { correct: v >= IOU_THRESHOLD, iou: Some(v), predicted_box: Some(*b), normalized: None }
+            }
+        },
+        Expected::Vqa { answer } => {
+            let (correct, got) = vqa_correct(answer, text);
+            Score { correct, iou: None, predicted_box: None, normalized: Some(got) }
+        }
+    }
+}

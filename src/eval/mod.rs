@@ -1,0 +1,202 @@
+//! `nuwa eval`: grounding and VQA accuracy of a model under a pruning setting, and sweeps over methods and budgets
+//! in one process (the model is loaded once) with retention relative to the unpruned run.
+//!
+//! - Data ([`data`]): JSON Lines, `{"image", "kind": "grounding", "prompt", "bbox": [x1, y1, x2, y2]}` (original
+//!   pixels) or `{"image", "kind": "vqa", "prompt", "answer"}`; image paths relative to the file; other fields are
+//!   ignored; lines that cannot be used are counted with their line numbers, never dropped silently.
+//! - Scoring ([`metrics`]): grounding is right when the FIRST box of the answer (mapped to original pixels by the
+//!   runtime, [`crate::Output::boxes`]) has IoU >= 0.5 with `bbox` (no box: wrong); VQA is right when the normalised
+//!   answer equals the normalised expected one (lower case, punctuation and symbols to spaces, whitespace collapsed,
+//!   number words `zero`..`twenty` to digits, on both sides; for a `yes`/`no` expected answer only the first word of
+//!   the answer counts).
+//! - Decoding is greedy; every item is one independent request.
+//! - Tables ([`table`]): per method and budget, accuracies, retention (`acc / acc_none` in %, null when the unpruned
+//!   accuracy is 0 or undefined), mean TTFT and mean visual tokens after Stage 1 and after Stage 2.
+
+pub mod data;
+pub mod metrics;
+pub mod progress;
+pub mod table;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+pub use data::{Dataset, EvalItem, Unreadable};
+pub use metrics::{iou, normalize_answer, score, Expected, Score, IOU_THRESHOLD};
+pub use table::{retention, Summary, Table};
+
+use crate::error::{Error, Result};
+use crate::pipeline::{GenerationParams, ImageInput, Model, Request};
+use crate::prune::{Amount, Method, PruneConfig};
+use crate::sampler::SamplerConfig;
+
+/// The sweep `nuwa eval --sweep` runs when given no list: every method at budgets 64, 128 and 192, plus `none`.
+pub const DEFAULT_SWEEP: &str =
+    "none;nuwa:64,128,192;fastv:64,128,192;visionzip:64,128,192;divprune:64,128,192;dart:64,128,192;pool:64,128,192;random:64,128,192";
+
+/// Budgets a sweep entry without a list gets.
+pub const DEFAULT_BUDGETS: [usize; 3] = [64, 128, 192];
+
+/// The result of one item.
+#[derive(Debug, Clone, Serialize)]
+pub struct ItemResult {
+    /// 1-based line number in the data file.
+    pub line: usize,
+    /// `"grounding"` or `"vqa"`.
+    pub kind: &'static str,
+    /// The verdict.
+    #[serde(flatten)]
+    pub score: Score,
+    /// The generated text.
+    pub text: String,
+    /// Time to first token.
+    pub ttft_ms: f64,
+    /// Visual tokens the last decoder layer saw (after Stage 2).
+    pub visual_tokens_kept: usize,
+    /// Visual tokens after Stage 1 (what the decoder head saw).
+    pub visual_tokens_after_stage1: usize,
+}
+
+/// Everything one pruning setting gave on a dataset.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// The setting.
+    pub prune: PruneConfig,
+    /// Scored items, in file order.
+    pub items: Vec<ItemResult>,
+    /// Lines not scored: the dataset's unreadable lines, then items whose request failed (e.g. an undecodable image).
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// What happened to one item, for progress reporting.
+#[derive(Debug, Clone, Copy)]
+pub enum ItemEvent<'a> {
+    /// The item was scored.
+    Scored(&'a ItemResult),
+    /// The request failed; the item is counted as unreadable.
+    Failed(&'a Unreadable),
+}
+
+/// A short name for a setting: `none`, `nuwa:64`, `nuwa:k112/16`.
+pub fn label(prune: &PruneConfig) -> String {
+    match prune.amount {
+        Amount::All => prune.method.to_string(),
+        Amount::Budget(b) => format!("{}:{b}", prune.method),
+        Amount::Keep { keep1, keep2 } => format!("{}:k{keep1}/{keep2}", prune.method),
+    }
+}
+
+/// Runs every item of `data` through `model` with greedy decoding, at most `max_new_tokens` tokens, under `prune`.
+/// An invalid pruning setting fails before any item runs; an item whose request fails is recorded as unreadable and
+/// the run goes on. `on_item` is called after each item.
+pub fn evaluate(
+    model: &Arc<Model>,
+    data: &Dataset,
+    prune: &PruneConfig,
+    max_new_tokens: usize,
+    mut on_item: impl FnMut(ItemEvent<'_>),
+) -> Result<RunResult> {
+    let v = &model.manifest().vision;
+    prune.resolve(v.grid_h, v.grid_w)?;
+    if max_new_tokens == 0 {
+        return Err(Error::InvalidRequest("--max-tokens must be at least 1".into()));
+    }
+    let mut items = Vec::with_capacity(data.items.len());
+    let mut unreadable = data.unreadable.clone();
+    for item in &data.items {
+        let request = Request {
+            image: ImageInput::Path(item.image.clone()),
+            prompt: item.prompt.clone(),
+            params: GenerationParams {
+                max_new_tokens,
+                sampler: SamplerConfig::Greedy,
+                prune: prune.clone(),
+                record: false,
+                ..GenerationParams::default()
+            },
+        };
+        match run_item(model, &request) {
+            Ok(out) => {
+                let s = &out.stats;
+                let result = ItemResult {
+                    line: item.line,
+                    kind: item.expected.kind(),
+                    score: score(&item.expected, &out.text, &out.boxes),
+                    ttft_ms: s.ttft_ms,
+                    visual_tokens_kept: s.visual_tokens_kept,
+                    visual_tokens_after_stage1: s.visual_tokens_after_stage1,
+                    text: out.text,
+                };
+                on_item(ItemEvent::Scored(&result));
+                items.push(result);
+            }
+            Err(e) => {
+                let u = Unreadable { line: item.line, reason: format!("{}: {e}", item.image.display()) };
+                on_item(ItemEvent::Failed(&u));
+                unreadable.push(u);
+            }
+        }
+    }
+    unreadable.sort_by_key(|u| u.line);
+    Ok(RunResult { prune: prune.clone(), items, unreadable })
+}
+
+fn run_item(model: &Arc<Model>, request: &Request) -> Result<crate::pipeline::Output> {
+    let mut generation = model.generate(request)?;
+    generation.run_to_end(|_| true)?;
+    Ok(generation.output())
+}
+
+/// Parses a sweep: entries separated by `;`, each `METHOD` or `METHOD:B1,B2,...` (budgets as for `--budget`);
+/// a method without budgets gets 64, 128 and 192, `none` takes none. `default` (or an empty string) is
+/// [`DEFAULT_SWEEP`]. The `none` run is always included, first, since retention is relative to it; repeated
+/// entries run once. `template` gives the position policy and seed of every setting.
+pub fn parse_sweep(spec: &str, template: &PruneConfig) -> Result<Vec<PruneConfig>> {
+    let spec = spec.trim();
+    let spec = if spec.is_empty() || spec.eq_ignore_ascii_case("default") || spec.eq_ignore_ascii_case("all") {
+        DEFAULT_SWEEP
+    } else {
+        spec
+    };
+    let make = |method, amount| PruneConfig { method, amount, ..template.clone() };
+    let mut out = vec![make(Method::None, Amount::All)];
+    for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, budgets) = match entry.split_once(':') {
+            Some((n, b)) => (n.trim(), Some(b)),
+            None => (entry, None),
+        };
+        let method: Method = name.parse()?;
+        let amounts: Vec<Amount> = match (method, budgets) {
+            (Method::None, None) => vec![Amount::All],
+            (Method::None, Some(_)) => {
+                return Err(Error::InvalidRequest(format!("sweep entry {entry:?}: none takes no budgets")))
+            }
+            (_, None) => DEFAULT_BUDGETS.iter().map(|&b| Amount::Budget(b)).collect(),
+            (_, Some(list)) => list
+                .split(',')
+                .map(|b| {
+                    b.trim().parse::<usize>().map(Amount::Budget).map_err(|_| {
+                        Error::InvalidRequest(format!("sweep entry {entry:?}: budget {:?} is not a number", b.trim()))
+                    })
+                })
+                .collect::<Result<_>>()?,
+        };
+        for amount in amounts {
+            let c = make(method, amount);
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Checks every setting of a sweep against the model's grid, so a bad budget fails before hours of work.
+pub fn check_settings(model: &Model, settings: &[PruneConfig]) -> Result<()> {
+    let v = &model.manifest().vision;
+    for s in settings {
+        s.resolve(v.grid_h, v.grid_w).map_err(|e| Error::InvalidRequest(format!("{}: {e}", label(s))))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! Summaries of runs and the methods x budgets table, as markdown and JSON.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::data::Unreadable;
+use super::{label, RunResult};
+use crate::error::{Error, Result};
+use crate::prune::{Amount, Method};
+
+/// The figures of one run (one method at one budget).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    /// Short name: `none`, `nuwa:64`, `nuwa:k112/16`.
+    pub label: String,
+    /// Pruning method.
+    pub method: String,
+    /// Budget (`--budget`), if the run used one.
+    pub budget: Option<usize>,
+    /// Explicit Stage-1 count (`--keep1`), if the run used one.
+    pub keep1: Option<usize>,
+    /// Explicit Stage-2 count (`--keep2`), if the run used one.
+    pub keep2: Option<usize>,
+    /// Grounding Acc@0.5 in [0, 1] (null without grounding items).
+    pub grounding_acc: Option<f64>,
+    /// VQA accuracy in [0, 1] (null without VQA items).
+    pub vqa_acc: Option<f64>,
+    /// `grounding_acc / grounding_acc(none)` in %, null when either is null or the unpruned accuracy is 0.
+    pub grounding_retention: Option<f64>,
+    /// `vqa_acc / vqa_acc(none)` in %, null when either is null or the unpruned accuracy is 0.
+    pub vqa_retention: Option<f64>,
+    /// Grounding items scored.
+    pub n_grounding: usize,
+    /// VQA items scored.
+    pub n_vqa: usize,
+    /// Grounding items right.
+    pub grounding_correct: usize,
+    /// VQA items right.
+    pub vqa_correct: usize,
+    /// Mean IoU of the first box over grounding items (no box counts 0).
+    pub grounding_mean_iou: Option<f64>,
+    /// Grounding answers without any box.
+    pub grounding_no_box: usize,
+    /// Mean time to first token over scored items.
+    pub mean_ttft_ms: Option<f64>,
+    /// Mean visual tokens the last decoder layer saw (after Stage 2).
+    pub mean_visual_tokens_kept: Option<f64>,
+    /// Mean visual tokens after Stage 1 (what the decoder head saw).
+    pub mean_visual_tokens_after_stage1: Option<f64>,
+    /// Lines not scored (bad lines, missing images, failed requests).
+    pub unreadable: usize,
+    /// Each of them with its line number and reason.
+    pub unreadable_items: Vec<Unreadable>,
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+fn ratio(num: usize, den: usize) -> Option<f64> {
+    (den > 0).then(|| num as f64 / den as f64)
+}
+
+/// `acc / acc_none` in %; None when either is unknown or the unpruned accuracy is 0 (never NaN or infinite).
+pub fn retention(acc: Option<f64>, acc_none: Option<f64>) -> Option<f64> {
+    match (acc, acc_none) {
+        (Some(a), Some(n)) if n > 0.0 && a.is_finite() && n.is_finite() => Some(100.0 * a / n),
+        _ => None,
+    }
+}
+
+impl Summary {
+    /// Summarises a run; retention stays null until [`Summary::set_retention`].
+    pub fn of(run: &RunResult) -> Summary {
+        let (budget, keep1, keep2) = match run.prune.amount {
+            Amount::All => (None, None, None),
+            Amount::Budget(b) => (Some(b), None, None),
+            Amount::Keep { keep1, keep2 } => (None, Some(keep1), Some(keep2)),
+        };
+        let grounding: Vec<_> = run.items.iter().filter(|i| i.kind == "grounding").collect();
+        let vqa: Vec<_> = run.items.iter().filter(|i| i.kind != "grounding").collect();
+        let grounding_correct = grounding.iter().filter(|i| i.score.correct).count();
+        let vqa_correct = vqa.iter().filter(|i| i.score.correct).count();
+        Summary {
+            label: label(&run.prune),
+            method: run.prune.method.to_string(),
+            budget,
+            keep1,
+            keep2,
+            grounding_acc: ratio(grounding_correct, grounding.len()),
+            vqa_acc: ratio(vqa_correct, vqa.len()),
+            grounding_retention: None,
+            vqa_retention: None,
+            n_grounding: grounding.len(),
+            n_vqa: vqa.len(),
+            grounding_correct,
+            vqa_correct,
+            grounding_mean_iou: mean(grounding.iter().map(|i| i.score.iou.unwrap_or(0.0))),
+            grounding_no_box: grounding.iter().filter(|i| i.score.predicted_box.is_none()).count(),
+            mean_ttft_ms: mean(run.items.iter().map(|i| i.ttft_ms)),
+            mean_visual_tokens_kept: mean(run.items.iter().map(|i| i.visual_tokens_kept as f64)),
+            mean_visual_tokens_after_stage1: mean(run.items.iter().map(|i| i.visual_tokens_after_stage1 as f64)),
+            unreadable: run.unreadable.len(),
+            unreadable_items: run.unreadable.clone(),
+        }
+    }
+
+    /// Fills the retention fields relative to the unpruned run's summary.
+    pub fn set_retention(&mut self, none: &Summary) {
+        self.grounding_retention = retention(self.grounding_acc, none.grounding_acc);
+        self.vqa_retention = retention(self.vqa_acc, none.vqa_acc);
+    }
+}
+
+/// The table of a sweep: one row per method and budget, the unpruned row first.
+#[derive(Debug, Clone, Serialize)]
+pub struct Table {
+    /// Model id (manifest).
+    pub model: String,
+    /// The data file.
+    pub data: PathBuf,
+    /// The command that produced the table, if known.
+    pub command: Option<String>,
+    /// Most tokens generated per item (greedy).
+    pub max_new_tokens: usize,
+    /// Usable items in the data (after `--limit`).
+    pub items: usize,
+    /// Rows; retention is relative to the `none` row.
+    pub rows: Vec<Summary>,
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize, suffix: &str) -> String {
+    match v {
+        Some(x) => format!("{x:.digits$}{suffix}"),
+        None => "n/a".into(),
+    }
+}
+
+impl Table {
+    /// Builds the table from runs; retention is computed against the first `none` run (all null without one).
+    pub fn new(model: &str, data: &Path, command: Option<String>, max_new_tokens: usize, items: usize, runs: &[RunResult]) -> Table {
+        let mut rows: Vec<Summary> = runs.iter().map(Summary::of).collect();
+        if let Some(none) = runs.iter().position(|r| r.prune.method == Method::None).map(|i| rows[i].clone()) {
+            for r in &mut rows {
+                r.set_retention(&none);
+            }
+        }
+        Table { model: model.to_string(), data: data.to_path_buf(), command, max_new_tokens, items, rows }
+    }
+
+    /// The table as markdown: a header naming the model, data and command, then one row per run.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# nuwa eval: {} on {}\n", self.model, self.data.display());
+        if let Some(c) = &self.command {
+            let _ = writeln!(s, "Command: `{c}`\n");
+        }
+        let _ = writeln!(
+            s,
+            "Greedy decoding, at most {} tokens per answer; {} items parsed from the data (each row counts what it \
+             scored and what was unreadable; the JSON lists the unreadable lines). Grounding: Acc@0.5 of the first \
+             predicted box; VQA: normalised exact match; retention: accuracy / unpruned accuracy; tokens: mean visual \
+             tokens after Stage 1 -> what the last decoder layer sees; TTFT: mean time to first token, image \
+             decoding included.\n",
+            self.max_new_tokens, self.items
+        );
+        s.push_str("| method | budget | tokens | grounding acc | grounding retention | VQA acc | VQA retention | mean TTFT ms | n grounding / VQA | unreadable |\n");
+        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for r in &self.rows {
+            let budget = match (r.budget, r.keep1, r.keep2) {
+                (Some(b), _, _) => b.to_string(),
+                (None, Some(k1), Some(k2)) => format!("{k1}/{k2}"),
+                _ => "-".into(),
+            };
+            let tokens = format!(
+                "{} -> {}",
+                fmt_opt(r.mean_visual_tokens_after_stage1, 0, ""),
+                fmt_opt(r.mean_visual_tokens_kept, 0, "")
+            );
+            let _ = writeln!(
+                s,
+                "| {} | {budget} | {tokens} | {} | {} | {} | {} | {} | {} / {} | {} |",
+                r.method,
+                fmt_opt(r.grounding_acc, 3, ""),
+                fmt_opt(r.grounding_retention, 1, "%"),
+                fmt_opt(r.vqa_acc, 3, ""),
+                fmt_opt(r.vqa_retention, 1, "%"),
+                fmt_opt(r.mean_ttft_ms, 1, ""),
+                r.n_grounding,
+                r.n_vqa,
+                r.unreadable
+            );
+        }
+        s
+    }
+
+    /// Writes `<stem>.md` and `<stem>.json` (a trailing `.md` or `.json` on `stem` is dropped), creating the
+    /// directory; returns both paths.
+    pub fn write(&self, stem: &Path) -> Result<(PathBuf, PathBuf)> {
+        let stem = match stem.extension().and_then(|e| e.to_str()) {
+            Some("md" | "json") => stem.with_extension(""),
+            _ => stem.to_path_buf(),
+        };
+        if let Some(dir) = stem.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let mut md = stem.clone().into_os_string();
+        md.push(".md");
+        let mut json = stem.into_os_string();
+        json.push(".json");
+        let (md, json) = (PathBuf::from(md), PathBuf::from(json));
+        std::fs::write(&md, self.markdown()).map_err(|e| Error::io(&md, e))?;
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::InvalidRequest(format!("serialising the table: {e}")))?;
+        std::fs::write(&json, text + "\n").map_err(|e| Error::io(&json, e))?;
+        Ok((md, json))
+    }
+}

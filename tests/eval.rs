@@ -1,0 +1,469 @@
+//! `nuwa eval`: the instrument, not the model. The fixtures have random weights (accuracy ~0), so scoring, parsing
+//! and the table arithmetic are tested on synthetic answers, and the command end to end on tests/data/eval/mini.jsonl
+//! for its counts, fields and files.
+//!
+//! mini.jsonl: lines 1 and 6 grounding, 2 and 8 VQA, 9 VQA on a file that is not an image (fails at run time);
+//! 3 malformed JSON, 4 a missing image, 5 blank, 7 an inverted box.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output as ProcessOutput};
+
+use nuwa::eval::progress::{format_duration, render};
+use nuwa::eval::{
+    data::parse_line, iou, label, metrics::vqa_correct, normalize_answer, parse_sweep, retention, score, Dataset,
+    Expected, ItemResult, RunResult, Score, Summary, Table, Unreadable, DEFAULT_SWEEP,
+};
+use nuwa::prune::{Amount, Method, PositionPolicy, PruneConfig, METHOD_NAMES};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn mini() -> PathBuf {
+    root().join("tests/data/eval/mini.jsonl")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("eval-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    dir.join(name)
+}
+
+fn nuwa(args: &[&str]) -> ProcessOutput {
+    Command::new(env!("CARGO_BIN_EXE_nuwa")).current_dir(root()).args(args).output().expect("run nuwa")
+}
+
+fn stderr(o: &ProcessOutput) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json_stdout(o: &ProcessOutput) -> Value {
+    assert!(o.status.success(), "nuwa failed: {}", stderr(o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+fn lines_of(v: &Value) -> Vec<u64> {
+    v.as_array().expect("array").iter().map(|u| u["line"].as_u64().expect("line")).collect()
+}
+
+// ---------------------------------------------------------------- scoring
+
+#[test]
+fn iou_of_known_boxes() {
+    let a = [0.0, 0.0, 10.0, 10.0];
+    assert_eq!(iou(a, a), 1.0);
+    assert_eq!(iou(a, [20.0, 20.0, 30.0, 30.0]), 0.0);
+    assert_eq!(iou(a, [10.0, 0.0, 20.0, 10.0]), 0.0, "touching edges do not overlap");
+    assert!((iou(a, [5.0, 0.0, 15.0, 10.0]) - 50.0 / 150.0).abs() < 1e-12);
+    assert!((iou(a, [0.0, 0.0, 5.0, 10.0]) - 0.5).abs() < 1e-12, "a half inside");
+    assert_eq!(iou(a, [2.0, 2.0, 2.0, 8.0]), 0.0, "an empty box");
+    assert_eq!(iou([0.0; 4], [0.0; 4]), 0.0, "two empty boxes: no division by zero");
+    assert_eq!(iou(a, [f64::NAN, 0.0, 5.0, 5.0]), 0.0);
+    assert_eq!(iou(a, [0.0, 0.0, f64::INFINITY, 10.0]), 0.0);
+    assert_eq!(iou([3.0, 1.0, 9.0, 4.0], [1.0, 2.0, 5.0, 8.0]), iou([1.0, 2.0, 5.0, 8.0], [3.0, 1.0, 9.0, 4.0]));
+}
+
+#[test]
+fn answers_are_normalised() {
+    assert_eq!(normalize_answer("Yes."), "yes");
+    assert_eq!(normalize_answer("  Two   RED-circles!\n"), "2 red circles");
+    assert_eq!(normalize_answer("It's blue."), "it s blue");
+    assert_eq!(normalize_answer("\"Zero\"; ten, twenty, twentyone"), "0 10 20 twentyone");
+    assert_eq!(normalize_answer("ÉTÉ"), "été");
+    assert_eq!(normalize_answer("...?!"), "");
+    assert_eq!(normalize_answer(""), "");
+}
+
+#[test]
+fn vqa_matching_rules() {
+    // yes/no: the first word of the answer only.
+    assert!(vqa_correct("yes", "Yes, there is a red circle.").0);
+    assert!(vqa_correct("No", "no").0);
+    assert!(!vqa_correct("yes", "no, yes").0);
+    assert!(!vqa_correct("yes", "").0);
+    assert!(!vqa_correct("no", "There is no red circle.").0, "the first word is what counts");
+    // other answers: the whole normalised answer.
+    assert!(vqa_correct("red", "Red.").0);
+    assert!(!vqa_correct("red", "red circle").0);
+    assert!(vqa_correct("dark blue", "Dark-blue").0);
+    // number words on both sides.
+    assert!(vqa_correct("two", "2").0);
+    assert!(vqa_correct("2", "Two.").0);
+    assert!(!vqa_correct("2", "3").0);
+    let (_, got) = vqa_correct("yes", "YES! It is.");
+    assert_eq!(got, "yes");
+}
+
+#[test]
+fn grounding_scores_the_first_box_only() {
+    let bbox = [100.0, 100.0, 200.0, 200.0];
+    let e = Expected::Grounding { bbox };
+    let good = [100.0, 100.0, 200.0, 200.0];
+    let bad = [300.0, 300.0, 400.0, 400.0];
+    let s = score(&e, "no box here", &[]);
+    assert_eq!(s, Score { correct: false, iou: None, predicted_box: None, normalized: None });
+    assert!(score(&e, "", &[good, bad]).correct);
+    let s = score(&e, "", &[bad, good]);
+    assert!(!s.correct);
+    assert_eq!(s.iou, Some(0.0));
+    // Exactly 0.5 is correct; just below is not.
+    assert!(score(&e, "", &[[100.0, 100.0, 150.0, 200.0]]).correct);
+    assert!(!score(&e, "", &[[100.0, 100.0, 149.0, 200.0]]).correct);
+    // The text is irrelevant for grounding, the boxes for VQA.
+    let v = Expected::Vqa { answer: "yes".into() };
+    assert!(!score(&v, "no", &[good]).correct);
+    assert!(score(&v, "yes", &[]).correct);
+}
+
+/// The scoring path from generated text, through the runtime's box mapping (padding to a square, 126 px model
+/// input), to a verdict, with a synthetic `Output` standing in for a model that answers well.
+#[test]
+fn a_synthetic_output_is_scored_through_the_box_mapping() {
+    let m = nuwa::manifest::Manifest::load(root().join("models/tiny-llava-clip")).expect("manifest");
+    // coco-000000000139.jpg is 400x266: padded to 400x400, 67 px on top, so the image spans y in [67, 333] / 400.
+    let resize = nuwa::image::ResizeRecord::new(&m.image, 400, 266);
+    let text = "The vase is at [0.25, 0.5, 0.75, 0.75].".to_string();
+    let boxes: Vec<[f32; 4]> =
+        nuwa::boxes::extract_boxes(&text, &m.box_format, &resize).into_iter().map(|b| b.original).collect();
+    let out = nuwa::Output { text, boxes, tokens: vec![], finish_reason: None, resize, stats: Default::default() };
+    // [0.25, 0.5, 0.75, 0.75] of 400x400 is x 100..300, y 200..300 padded, i.e. y 133..233 in the photo.
+    let right = Expected::Grounding { bbox: [100.0, 133.0, 300.0, 233.0] };
+    let s = score(&right, &out.text, &out.boxes);
+    assert!(s.correct && s.iou.is_some_and(|v| v > 0.97), "{s:?}");
+    // The same box without the padding offset (y 200..300) overlaps by 33 of 167 rows: wrong.
+    let unpadded = Expected::Grounding { bbox: [100.0, 200.0, 300.0, 300.0] };
+    assert!(!score(&unpadded, &out.text, &out.boxes).correct);
+}
+
+// ---------------------------------------------------------------- data
+
+#[test]
+fn lines_parse_and_unknown_fields_are_ignored() {
+    let base = Path::new("/data");
+    let item = parse_line(
+        r#"{"image": "a.jpg", "kind": "grounding", "prompt": "p", "bbox": [1, 2.5, 30, 40], "answer": "x", "expr": "the red circle", "extra": {"k": [1]}}"#,
+        7,
+        base,
+    )
+    .expect("grounding");
+    assert_eq!(item.line, 7);
+    assert_eq!(item.image, Path::new("/data/a.jpg"));
+    assert_eq!(item.prompt, "p");
+    assert_eq!(item.expected, Expected::Grounding { bbox: [1.0, 2.5, 30.0, 40.0] });
+    let item = parse_line(r#"{"image": "b.png", "kind": "vqa", "prompt": "How many?", "answer": 3, "qtype": "count"}"#, 1, base)
+        .expect("vqa");
+    assert_eq!(item.expected, Expected::Vqa { answer: "3".into() });
+    let abs = parse_line(r#"{"image": "/abs/c.png", "kind": "vqa", "prompt": "q", "answer": "no"}"#, 1, base).expect("abs");
+    assert_eq!(abs.image, Path::new("/abs/c.png"));
+}
+
+#[test]
+fn bad_lines_say_what_is_wrong() {
+    let base = Path::new(".");
+    for (line, needle) in [
+        (r#"{"image": "a.jpg", "kind": "vqa", "prompt": "q""#, "malformed JSON"),
+        ("not json", "malformed JSON"),
+        ("[1, 2, 3]", "not a JSON object"),
+        (r#"{"kind": "vqa", "prompt": "q", "answer": "yes"}"#, "missing field \"image\""),
+        (r#"{"image": "a.jpg", "kind": "vqa", "answer": "yes"}"#, "missing field \"prompt\""),
+        (r#"{"image": "a.jpg", "prompt": "q", "answer": "yes"}"#, "missing field \"kind\""),
+        (r#"{"image": "a.jpg", "kind": "vqa", "prompt": "  ", "answer": "yes"}"#, "\"prompt\" is empty"),
+        (r#"{"image": 5, "kind": "vqa", "prompt": "q", "answer": "yes"}"#, "\"image\" must be a string"),
+        (r#"{"image": "a.jpg", "kind": "caption", "prompt": "q"}"#, "unknown kind"),
+        (r#"{"image": "a.jpg", "kind": "vqa", "prompt": "q"}"#, "without \"answer\""),
+        (r#"{"image": "a.jpg", "kind": "vqa", "prompt": "q", "answer": "?!"}"#, "empty after normalisation"),
+        (r#"{"image": "a.jpg", "kind": "vqa", "prompt": "q", "answer": ["yes"]}"#, "must be a string"),
+        (r#"{"image": "a.jpg", "kind": "grounding", "prompt": "q"}"#, "without \"bbox\""),
+        (r#"{"image": "a.jpg", "kind": "grounding", "prompt": "q", "bbox": [1, 2, 3]}"#, "must be [x1, y1, x2, y2]"),
+        (r#"{"image": "a.jpg", "kind": "grounding", "prompt": "q", "bbox": [1, 2, "3", 4]}"#, "must be [x1, y1, x2, y2]"),
+        (r#"{"image": "a.jpg", "kind": "grounding", "prompt": "q", "bbox": {"x": 1}}"#, "must be [x1, y1, x2, y2]"),
+        (r#"{"image": "a.jpg", "kind": "grounding", "prompt": "q", "bbox": [5, 2, 3, 4]}"#, "inverted"),
+        (r#"{"image": "a.jpg", "kind": "grounding", "prompt": "q", "bbox": [1, 2, 1, 4]}"#, "empty"),
+        (r#"{"image": "a.jpg", "kind": "grounding", "prompt": "q", "bbox": [-1, 2, 3, 4]}"#, "negative"),
+        (r#"{"image": "a.jpg", "kind": "grounding", "prompt": "q", "bbox": [1, 2, 3, 1e999]}"#, "malformed JSON"),
+    ] {
+        let e = parse_line(line, 1, base).expect_err(line);
+        assert!(e.contains(needle), "{line}: {e}");
+    }
+    // A huge value is not echoed in full.
+    let long = format!(r#"{{"image": "a.jpg", "kind": "grounding", "prompt": "q", "bbox": [{}]}}"#, vec!["1"; 5000].join(","));
+    assert!(parse_line(&long, 1, base).expect_err("long").len() < 200);
+}
+
+#[test]
+fn the_committed_data_is_counted_line_by_line() {
+    let d = Dataset::load(mini(), None).expect("load");
+    assert_eq!(d.items.iter().map(|i| i.line).collect::<Vec<_>>(), [1, 2, 6, 8, 9]);
+    assert_eq!(d.unreadable.iter().map(|u| u.line).collect::<Vec<_>>(), [3, 4, 7]);
+    assert!(d.unreadable[1].reason.contains("does-not-exist.jpg") && d.unreadable[1].reason.contains("not found"));
+    assert_eq!((d.n_grounding(), d.n_vqa()), (2, 3));
+    assert!(d.items[0].image.is_file(), "paths are relative to the data file");
+    // --limit counts non-blank lines, usable or not.
+    let d = Dataset::load(mini(), Some(3)).expect("load");
+    assert_eq!(d.items.len() + d.unreadable.len(), 3);
+    assert_eq!(d.unreadable.iter().map(|u| u.line).collect::<Vec<_>>(), [3]);
+    let d = Dataset::load(mini(), Some(0)).expect("load");
+    assert!(d.items.is_empty() && d.unreadable.is_empty());
+}
+
+#[test]
+fn invalid_utf8_crlf_and_a_missing_file() {
+    let path = tmp("bytes.jsonl");
+    let img = root().join("examples/coco-000000000139.jpg");
+    let good = format!(r#"{{"image": {:?}, "kind": "vqa", "prompt": "q", "answer": "yes"}}"#, img.display().to_string());
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(good.as_bytes());
+    bytes.extend_from_slice(b"\r\n\xff\xfe{\"image\"\n\r\n   \n");
+    bytes.extend_from_slice(good.as_bytes());
+    std::fs::write(&path, bytes).expect("write");
+    let d = Dataset::load(&path, None).expect("load");
+    assert_eq!(d.items.iter().map(|i| i.line).collect::<Vec<_>>(), [1, 5]);
+    assert_eq!(d.unreadable, vec![Unreadable { line: 2, reason: d.unreadable[0].reason.clone() }]);
+    assert!(d.unreadable[0].reason.contains("UTF-8"));
+    let e = Dataset::load(tmp("absent.jsonl"), None).expect_err("missing file");
+    assert!(e.to_string().contains("absent.jsonl"), "{e}");
+}
+
+// ---------------------------------------------------------------- sweep and table
+
+#[test]
+fn sweep_specs() {
+    let t = PruneConfig { seed: 9, positions: Some(PositionPolicy::Original), ..Default::default() };
+    let all = parse_sweep("", &t).expect("default");
+    assert_eq!(all, parse_sweep("default", &t).expect("default"));
+    assert_eq!(all, parse_sweep(DEFAULT_SWEEP, &t).expect("default"));
+    assert_eq!(all.len(), 1 + 7 * 3);
+    assert_eq!(label(&all[0]), "none");
+    for name in METHOD_NAMES.iter().skip(1) {
+        for b in [64, 128, 192] {
+            assert!(all.iter().any(|c| label(c) == format!("{name}:{b}")), "{name}:{b}");
+        }
+    }
+    assert!(all.iter().all(|c| c.seed == 9 && c.positions == Some(PositionPolicy::Original)));
+    let s = parse_sweep(" nuwa:64 ; fastv ;nuwa:64;none", &t).expect("spec");
+    assert_eq!(s.iter().map(label).collect::<Vec<_>>(), ["none", "nuwa:64", "fastv:64", "fastv:128", "fastv:192"]);
+    assert_eq!(s[1].amount, Amount::Budget(64));
+    for (bad, needle) in [("none:64", "none takes no budgets"), ("nuwa:6x", "not a number"), ("nuwa:", "not a number"), ("fast:64", "unknown pruning method")] {
+        let e = parse_sweep(bad, &t).expect_err(bad).to_string();
+        assert!(e.contains(needle), "{bad}: {e}");
+    }
+}
+
+fn item(kind: &'static str, correct: bool, ttft: f64, kept: usize) -> ItemResult {
+    ItemResult {
+        line: 1,
+        kind,
+        score: Score {
+            correct,
+            iou: (kind == "grounding").then_some(if correct { 0.8 } else { 0.1 }),
+            predicted_box: (kind == "grounding").then_some([0.0, 0.0, 1.0, 1.0]),
+            normalized: None,
+        },
+        text: String::new(),
+        ttft_ms: ttft,
+        visual_tokens_kept: kept,
+        visual_tokens_after_stage1: kept * 2,
+    }
+}
+
+fn run(method: Method, amount: Amount, grounding: &[bool], vqa: &[bool]) -> RunResult {
+    let mut items: Vec<ItemResult> = grounding.iter().map(|&c| item("grounding", c, 10.0, 8)).collect();
+    items.extend(vqa.iter().map(|&c| item("vqa", c, 20.0, 8)));
+    RunResult { prune: PruneConfig { method, amount, ..Default::default() }, items, unreadable: vec![] }
+}
+
+#[test]
+fn retention_arithmetic() {
+    assert_eq!(retention(Some(0.4), Some(0.8)), Some(50.0));
+    assert_eq!(retention(Some(0.9), Some(0.6)), Some(150.0));
+    assert_eq!(retention(Some(0.0), Some(0.5)), Some(0.0));
+    assert_eq!(retention(Some(0.3), Some(0.0)), None, "unpruned accuracy 0: null, not inf");
+    assert_eq!(retention(Some(0.0), Some(0.0)), None, "0/0: null, not NaN");
+    assert_eq!(retention(None, Some(0.5)), None);
+    assert_eq!(retention(Some(0.5), None), None);
+    assert_eq!(retention(Some(f64::NAN), Some(0.5)), None);
+}
+
+#[test]
+fn summaries_and_the_table() {
+    let none = run(Method::None, Amount::All, &[true, true, false, true], &[true, false]);
+    let nuwa = run(Method::Nuwa, Amount::Budget(64), &[true, false, false, false], &[true, true]);
+    let mut only_vqa = run(Method::Pool, Amount::Keep { keep1: 10, keep2: 10 }, &[], &[false]);
+    only_vqa.unreadable = vec![Unreadable { line: 4, reason: "image x not found".into() }];
+    let t = Table::new("m", Path::new("d.jsonl"), Some("nuwa eval ...".into()), 32, 6, &[none, nuwa, only_vqa]);
+    let [r0, r1, r2] = &t.rows[..] else { panic!("3 rows") };
+    assert_eq!((r0.n_grounding, r0.n_vqa, r0.grounding_correct, r0.vqa_correct), (4, 2, 3, 1));
+    assert_eq!((r0.grounding_acc, r0.vqa_acc), (Some(0.75), Some(0.5)));
+    assert_eq!((r0.grounding_retention, r0.vqa_retention), (Some(100.0), Some(100.0)));
+    assert_eq!(r0.mean_ttft_ms, Some((4.0 * 10.0 + 2.0 * 20.0) / 6.0));
+    assert_eq!((r0.mean_visual_tokens_kept, r0.mean_visual_tokens_after_stage1), (Some(8.0), Some(16.0)));
+    assert!((r0.grounding_mean_iou.expect("iou") - (0.8 * 3.0 + 0.1) / 4.0).abs() < 1e-12);
+    assert_eq!(r0.grounding_no_box, 0);
+    assert_eq!((r1.label.as_str(), r1.method.as_str(), r1.budget), ("nuwa:64", "nuwa", Some(64)));
+    assert_eq!(r1.grounding_acc, Some(0.25));
+    assert!((r1.grounding_retention.expect("retention") - 100.0 / 3.0).abs() < 1e-9);
+    assert_eq!(r1.vqa_retention, Some(200.0));
+    assert_eq!((r2.budget, r2.keep1, r2.keep2), (None, Some(10), Some(10)));
+    assert_eq!((r2.grounding_acc, r2.grounding_retention, r2.grounding_mean_iou), (None, None, None), "no grounding items");
+    assert_eq!((r2.vqa_acc, r2.vqa_retention), (Some(0.0), Some(0.0)));
+    assert_eq!(r2.unreadable, 1);
+
+    let md = t.markdown();
+    assert!(md.contains("| none | - | 16 -> 8 | 0.750 | 100.0% | 0.500 | 100.0% | 13.3 | 4 / 2 | 0 |"), "{md}");
+    assert!(md.contains("| nuwa | 64 | 16 -> 8 | 0.250 | 33.3% | 1.000 | 200.0% |"), "{md}");
+    assert!(md.contains("| pool | 10/10 | 16 -> 8 | n/a | n/a | 0.000 | 0.0% |"), "{md}");
+    assert!(md.contains("Command: `nuwa eval ...`"));
+
+    // Files: a trailing .md on the stem is dropped; JSON has nulls, never NaN.
+    let (md_path, json_path) = t.write(&tmp("tables/sub/run.md")).expect("write");
+    assert_eq!(md_path, tmp("tables/sub/run.md"));
+    assert_eq!(json_path, tmp("tables/sub/run.json"));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(json_path).expect("json")).expect("parse");
+    assert_eq!(v["rows"][2]["grounding_retention"], Value::Null);
+    assert_eq!(v["rows"][2]["unreadable_items"][0]["line"], 4);
+    assert_eq!(v["rows"].as_array().map(Vec::len), Some(3));
+}
+
+#[test]
+fn retention_is_null_when_the_unpruned_run_scores_zero() {
+    let none = run(Method::None, Amount::All, &[false, false], &[false]);
+    let pruned = run(Method::Random, Amount::Budget(64), &[true, false], &[false]);
+    let t = Table::new("m", Path::new("d"), None, 32, 3, &[none, pruned]);
+    for r in &t.rows {
+        assert_eq!((r.grounding_retention, r.vqa_retention), (None, None), "{}", r.label);
+    }
+    let json = serde_json::to_string(&t).expect("json");
+    assert!(!json.contains("NaN") && !json.contains("inf"), "{json}");
+    // Without a none run there is nothing to be relative to.
+    let t = Table::new("m", Path::new("d"), None, 32, 3, &[run(Method::Pool, Amount::Budget(64), &[true], &[true])]);
+    assert_eq!(t.rows[0].grounding_retention, None);
+    // A summary of an empty run has no means (null, not NaN).
+    let s = Summary::of(&run(Method::None, Amount::All, &[], &[]));
+    assert_eq!((s.grounding_acc, s.vqa_acc, s.mean_ttft_ms, s.mean_visual_tokens_kept), (None, None, None, None));
+}
+
+#[test]
+fn progress_line() {
+    assert_eq!(format_duration(42.4), "42s");
+    assert_eq!(format_duration(185.0), "3m05s");
+    assert_eq!(format_duration(3720.0), "1h02m");
+    assert_eq!(format_duration(f64::NAN), "?");
+    let l = render(120, 1000, 0, "nuwa:64", 40.0);
+    assert!(l.starts_with("[===>") && l.contains("120/1000 nuwa:64 | 3.00 items/s | ETA 4m53s"), "{l}");
+    let l = render(0, 10, 0, "none", 0.0);
+    assert!(l.contains("0/10") && l.contains("ETA ?"), "{l}");
+    let l = render(10, 10, 2, "none", 5.0);
+    assert!(l.starts_with(&format!("[{}]", "=".repeat(24))) && l.ends_with("| 2 failed"), "{l}");
+    assert!(render(0, 0, 0, "x", 0.0).contains("0/0"));
+}
+
+// ---------------------------------------------------------------- the command
+
+#[test]
+fn eval_json_counts_items_and_unreadable_lines() {
+    let data = mini();
+    let data = data.to_str().expect("utf-8 path");
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--prune", "nuwa", "--budget", "64", "--max-tokens", "4", "--json"]);
+    let v = json_stdout(&o);
+    assert_eq!(v["method"], "nuwa");
+    assert_eq!(v["budget"], 64);
+    assert_eq!((v["n_grounding"].as_u64(), v["n_vqa"].as_u64()), (Some(2), Some(2)));
+    for key in ["grounding_acc", "vqa_acc"] {
+        let acc = v[key].as_f64().unwrap_or_else(|| panic!("{key}: {v}"));
+        assert!((0.0..=1.0).contains(&acc), "{key}");
+    }
+    assert!(v["mean_ttft_ms"].as_f64().is_some_and(|t| t > 0.0));
+    // 81 tokens at budget 64: 16 after Stage 1, 2 after Stage 2.
+    assert_eq!(v["mean_visual_tokens_after_stage1"].as_f64(), Some(16.0));
+    assert_eq!(v["mean_visual_tokens_kept"].as_f64(), Some(2.0));
+    // 3 bad lines + line 9, whose "image" is JSON: it fails at run time and is counted, not dropped.
+    assert_eq!(v["unreadable"], 4);
+    assert_eq!(lines_of(&v["unreadable_items"]), [3, 4, 7, 9]);
+    let err = stderr(&o);
+    for l in ["line 3: malformed JSON", "line 4: image", "line 7: \"bbox\"", "line 9: "] {
+        assert!(err.contains(l), "{l}: {err}");
+    }
+}
+
+#[test]
+fn eval_human_summary_and_predictions() {
+    let preds = tmp("preds/p.jsonl");
+    let data = mini();
+    let o = nuwa(&[
+        "eval", "--model", "models/tiny-llava-clip", "--data", data.to_str().expect("path"), "--limit", "2", "--max-tokens", "3",
+        "--predictions", preds.to_str().expect("path"), "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("none") && out.contains("grounding Acc@0.5") && (out.contains("(0/1)") || out.contains("(1/1)")), "{out}");
+    assert!(out.contains("unreadable 0"), "{out}");
+    assert!(!stderr(&o).contains("items/s"), "--quiet: no progress");
+    let lines: Vec<Value> = std::fs::read_to_string(&preds)
+        .expect("predictions")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!((lines[0]["line"].as_u64(), lines[0]["kind"].as_str(), lines[0]["run"].as_str()), (Some(1), Some("grounding"), Some("none")));
+    assert_eq!((lines[1]["line"].as_u64(), lines[1]["kind"].as_str()), (Some(2), Some("vqa")));
+    assert!(lines[1]["normalized"].is_string());
+}
+
+#[test]
+fn sweep_writes_markdown_and_json_with_the_none_row() {
+    let stem = tmp("results/sweep");
+    let data = mini();
+    let o = nuwa(&[
+        "eval", "--model", "models/tiny-llava-clip", "--data", data.to_str().expect("path"), "--limit", "2",
+        "--max-tokens", "3", "--sweep", "nuwa:64;pool:64", "--out", stem.to_str().expect("path"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let md = std::fs::read_to_string(stem.with_extension("md")).expect("sweep.md");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).expect("sweep.json")).expect("json");
+    let rows = v["rows"].as_array().expect("rows");
+    let labels: Vec<&str> = rows.iter().map(|r| r["label"].as_str().expect("label")).collect();
+    assert_eq!(labels, ["none", "nuwa:64", "pool:64"]);
+    for r in rows {
+        assert_eq!((r["n_grounding"].as_u64(), r["n_vqa"].as_u64(), r["unreadable"].as_u64()), (Some(1), Some(1), Some(0)));
+        for key in ["grounding_acc", "vqa_acc", "grounding_retention", "vqa_retention", "mean_ttft_ms", "mean_visual_tokens_kept", "mean_visual_tokens_after_stage1"] {
+            assert!(r.get(key).is_some(), "{key}");
+        }
+        // Random weights: accuracy 0 unpruned makes retention null; otherwise a finite percentage.
+        let none_acc = rows[0]["grounding_acc"].as_f64().expect("acc");
+        assert!(if none_acc == 0.0 { r["grounding_retention"].is_null() } else { r["grounding_retention"].is_f64() });
+    }
+    assert_eq!(rows[1]["mean_visual_tokens_kept"].as_f64(), Some(2.0));
+    // pool is Stage-1 only: the last layer sees what Stage 1 kept (a 3x3 grid on the 9x9 fixture).
+    assert_eq!(rows[2]["mean_visual_tokens_kept"].as_f64(), Some(9.0));
+    assert_eq!(rows[2]["mean_visual_tokens_after_stage1"].as_f64(), Some(9.0));
+    assert!(v["command"].as_str().is_some_and(|c| c.contains("--sweep 'nuwa:64;pool:64'")), "{}", v["command"]);
+    for needle in ["| none | - | 81 -> 81 |", "| nuwa | 64 | 16 -> 2 |", "| pool | 64 | 9 -> 9 |"] {
+        assert!(md.contains(needle), "{needle}: {md}");
+    }
+    // stdout is the markdown table too.
+    assert_eq!(String::from_utf8_lossy(&o.stdout), md);
+}
+
+#[test]
+fn eval_rejects_bad_settings_before_running() {
+    let data = mini();
+    let data = data.to_str().expect("path");
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--sweep", "nuwa:50"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("nuwa:50") && stderr(&o).contains("64, 128 and 192"), "{}", stderr(&o));
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--sweep", "fast:64"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("unknown pruning method"), "{}", stderr(&o));
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--prune", "nuwa"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--budget"), "{}", stderr(&o));
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--sweep", "--prune", "nuwa", "--budget", "64"]);
+    assert_eq!(o.status.code(), Some(2), "--sweep conflicts with --prune: {}", stderr(&o));
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", "tests/data/eval/absent.jsonl"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("absent.jsonl"), "{}", stderr(&o));
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--max-tokens", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("max-tokens"), "{}", stderr(&o));
+}
