@@ -6,7 +6,7 @@ only the attention itself is written out, because the graph contract needs thing
 * explicit past KV tensors per layer in SEQUENCE-MAJOR layout [1, P, kv_heads, head_dim] (P may be 0);
 * outputs hold ONLY the S new positions' keys (post-RoPE) and values, the runtime appends them in place;
 * implicit mask: the S current positions see all P past positions and are causal among themselves;
-* GQA: kv heads are repeated to the query heads inside the graph;
+* GQA: query heads are grouped by kv head inside the graph (equivalent to HF's repeat_kv, without the copies);
 * head: `attention_row` [1, P+S] = softmax(q k^T / sqrt(d)) in fp32 at layer K-1, row of the LAST query, mean over
   heads (transformers 5 decoder layers discard attention weights, so it is recomputed here explicitly);
 * tail: logits of the LAST position only, [1, vocab]; lm_head is applied with F.linear on a 2-D input so the
@@ -19,8 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+def _rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
@@ -38,33 +37,37 @@ class _DecoderStack(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos, sin, past_k, past_v, want_row: bool):
-        b, s, _ = x.shape
+        # Decode-speed layout (onnx/bench/README.md): shapes use constants (-1 for S) so the exported graph has no
+        # Shape/Gather/Unsqueeze/Concat chains per reshape; GQA groups the query heads by kv head ([KV, S*rep, d])
+        # instead of repeating keys/values `rep` times (no Tile of the whole cache); the sequence-major cache is
+        # flattened with a free Reshape (not an index, which exports as a copying Gather) and transposed once.
+        # Head h = g * rep + r uses kv head g, HF's repeat_kv order. (Splitting scores/values into past and new
+        # blocks to skip the Concat crashes ORT 1.31's optimised graph with SIGFPE at P = 0, so the Concat stays.)
         hd, nh, nkv = self.head_dim, self.num_heads, self.num_kv_heads
-        q = attn.q_proj(x).view(b, s, nh, hd).transpose(1, 2)  # [1, H, S, d]
-        k = attn.k_proj(x).view(b, s, nkv, hd).transpose(1, 2)  # [1, KV, S, d]
-        v = attn.v_proj(x).view(b, s, nkv, hd)  # [1, S, KV, d] (sequence-major, as stored)
-        c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * c + _rotate_half(q) * sn
-        k = k * c + _rotate_half(k) * sn
-        new_k = k.transpose(1, 2)  # [1, S, KV, d] post-RoPE
-        keys = torch.cat([past_k, new_k], dim=1).transpose(1, 2)  # [1, KV, P+S, d]
-        vals = torch.cat([past_v, v], dim=1).transpose(1, 2)
         rep = nh // nkv
-        if rep > 1:  # GQA: each kv head serves `rep` consecutive query heads (HF repeat_kv order)
-            keys = keys.repeat_interleave(rep, dim=1)
-            vals = vals.repeat_interleave(rep, dim=1)
-        p = past_k.shape[1]
+        q = attn.q_proj(x).view(1, -1, nh, hd)  # [1, S, H, d]
+        k = attn.k_proj(x).view(1, -1, nkv, hd)  # [1, S, KV, d] (sequence-major, as stored)
+        v = attn.v_proj(x).view(1, -1, nkv, hd)
+        c, sn = cos.unsqueeze(2), sin.unsqueeze(2)  # [1, S, 1, d]
+        q = q * c + _rotate_half(q, hd // 2) * sn
+        k = k * c + _rotate_half(k, hd // 2) * sn  # post-RoPE new keys, returned as is
+        qg = q.view(-1, nkv, rep, hd).transpose(0, 1).reshape(nkv, -1, hd)  # [KV, S*rep, d], rows (s, r)
+        keys = torch.cat([past_k, k], dim=1).view(-1, nkv, hd).permute(1, 2, 0)  # [KV, d, P+S]
+        vals = torch.cat([past_v, v], dim=1).view(-1, nkv, hd).transpose(0, 1)  # [KV, P+S, d]
         t = keys.shape[2]
-        scores = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling  # [1, H, S, P+S]
+        scores = torch.matmul(qg, keys) * attn.scaling  # [KV, S*rep, P+S]
         # Implicit mask: query i (absolute P+i) sees key j iff j <= P+i.
-        q_pos = torch.arange(s, device=x.device).unsqueeze(1) + p
-        k_pos = torch.arange(t, device=x.device).unsqueeze(0)
-        allowed = k_pos <= q_pos  # [S, P+S]
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, vals).transpose(1, 2).reshape(b, s, nh * hd)
-        row = probs[:, :, -1, :].float().mean(dim=1) if want_row else None  # [1, P+S]
-        return attn.o_proj(out), new_k, v, row
+        qi = torch.arange(k.shape[1], device=x.device) + (t - k.shape[1])
+        allowed = (torch.arange(t, device=x.device).unsqueeze(0) <= qi.unsqueeze(1)).unsqueeze(1)  # [S, 1, P+S]
+        scores = scores.view(nkv, -1, rep, t).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.reshape(nkv, -1, t).float(), dim=-1).to(q.dtype)  # [KV, S*rep, P+S]
+        out = torch.matmul(probs, vals)  # [KV, S*rep, d]
+        out = out.view(nkv, -1, rep, hd).transpose(0, 1).reshape(1, -1, nh * hd)  # [1, S, H*d]
+        row = None
+        if want_row:  # last query's row, mean over all heads: [1, P+S]
+            t = probs.shape[-1]
+            row = probs.float().view(nkv, -1, rep, t)[:, -1].reshape(nh, t).mean(dim=0, keepdim=True)
+        return attn.o_proj(out), k, v, row
 
     def run(self, h: torch.Tensor, position_ids: torch.Tensor, past: list[torch.Tensor], row_layer: int | None):
         cos, sin = self.rotary_emb(h, position_ids)
