@@ -124,7 +124,8 @@ def export_model(args) -> dict:
             ex.quantize_decoder_nbits(out / f"{src}.onnx", out / f"{src}.{args.quantize_decoder}.onnx", bits,
                                       keep if src == "decoder_tail" else [])
         head_file, tail_file = f"decoder_head.{args.quantize_decoder}.onnx", f"decoder_tail.{args.quantize_decoder}.onnx"
-        quant["decoder"] = {"method": f"MatMulNBits {bits}-bit weight-only, block 128, symmetric",
+        quant["decoder"] = {"method": f"MatMulNBits {bits}-bit weight-only, block 128, symmetric, "
+                                      f"accuracy_level {ex.NBITS_ACCURACY_LEVEL}",
                             "lm_head_fp32": bits == 4}
     embeddings = ex.find_shared_embedding(out / tail_file, table) if tied else None
     if embeddings is None:
