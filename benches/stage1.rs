@@ -59,7 +59,7 @@ fn main() -> anyhow::Result<()> {
         .map(PathBuf::from)
         .or_else(|| Some(root.join(".cache/dinov2-336/vision.int8.onnx")).filter(|p| p.is_file()))
         .unwrap_or_else(|| root.join("models/tiny-llava-clip/vision.int8.onnx"));
-    let rt = Runtime::get(None)?;
+    let rt = Runtime::get(None, None)?;
     let mut opened = rt.open("vision", &vision, "bench vision graph", &SessionOptions::default())?;
     let input = opened.session.inputs()[0].name().to_string();
     let dims: Vec<usize> = opened.session.inputs()[0]

@@ -193,7 +193,7 @@ impl Model {
         }
         let tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| Error::ModelFile { path: tok_path.clone(), message: format!("not a tokenizer.json: {e}") })?;
-        let runtime = Runtime::get(opts.ort_library.as_deref())?;
+        let runtime = Runtime::get(opts.ort_library.as_deref(), opts.intra_threads)?;
         let sopts = SessionOptions { provider: opts.provider, intra_threads: opts.intra_threads };
         let mut notes = Vec::new();
         let mut vision_manifest = manifest.clone();
