@@ -101,6 +101,19 @@ impl Default for GenerationParams {
     }
 }
 
+/// An image decoded, preprocessed and run through the vision tower, ready for any number of requests.
+#[derive(Debug, Clone)]
+pub struct PreparedImage {
+    /// Preprocessed pixels and the resize record.
+    pub pixels: PixelBatch,
+    /// The vision tower's outputs.
+    pub vision: VisionTokens,
+    /// Decoding and preprocessing time.
+    pub preprocess_ms: f64,
+    /// Vision tower time.
+    pub vision_ms: f64,
+}
+
 /// The intermediate tensors of one request, kept when [`GenerationParams::record`] is set.
 #[derive(Debug, Clone)]
 pub struct Trace {
@@ -287,37 +300,61 @@ impl Model {
         Ok(out)
     }
 
+    /// Decodes, preprocesses and encodes an image once; any number of prompts and pruning settings can then run on
+    /// it with [`Model::generate_prepared`] without repeating the vision tower.
+    pub fn prepare(&self, image: &ImageInput, limits: &ImageLimits) -> Result<PreparedImage> {
+        let t0 = Instant::now();
+        let pixels = self.preprocess(image, limits)?;
+        let preprocess_ms = ms_since(t0);
+        let t = Instant::now();
+        let vision = self.encode_image(&pixels)?;
+        Ok(PreparedImage { pixels, vision, preprocess_ms, vision_ms: ms_since(t) })
+    }
+
     /// Starts a request: image, vision tower, projector and prompt prefill. Pull tokens with [`Generation::step`].
     pub fn generate(self: &Arc<Self>, request: &Request) -> Result<Generation> {
-        let t0 = Instant::now();
-        let params = &request.params;
-        let sampler = params.sampler.build()?;
+        // Cheap checks before the vision tower runs.
+        self.check_params(&request.prompt, &request.params)?;
+        let image = self.prepare(&request.image, &request.params.limits)?;
+        self.generate_prepared(&image, &request.prompt, &request.params)
+    }
+
+    fn check_params(&self, prompt: &str, params: &GenerationParams) -> Result<()> {
+        params.sampler.validate()?;
         if params.max_new_tokens == 0 {
             return Err(Error::InvalidRequest("max_new_tokens must be at least 1".into()));
         }
-        if request.prompt.trim().is_empty() {
+        if prompt.trim().is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
+        let v = &self.manifest.vision;
+        params.prune.resolve(v.grid_h, v.grid_w).map(|_| ())
+    }
+
+    /// Starts a request on an image already prepared by [`Model::prepare`]. Timings count the preparation, so
+    /// `ttft_ms` means the same as for [`Model::generate`].
+    pub fn generate_prepared(self: &Arc<Self>, image: &PreparedImage, prompt: &str, params: &GenerationParams) -> Result<Generation> {
+        self.check_params(prompt, params)?;
+        let prepared_for = std::time::Duration::from_secs_f64((image.preprocess_ms + image.vision_ms).max(0.0) / 1e3);
+        let t0 = Instant::now().checked_sub(prepared_for).unwrap_or_else(Instant::now);
+        let sampler = params.sampler.build()?;
         let v = &self.manifest.vision;
         let resolved = params.prune.resolve(v.grid_h, v.grid_w)?;
         let mut stats = Stats {
             provider: format!("{:?}", self.provider()).to_lowercase(),
             method: params.prune.method.to_string(),
             positions: format!("{:?}", resolved.positions).to_lowercase(),
+            preprocess_ms: image.preprocess_ms,
+            vision_ms: image.vision_ms,
             ..Stats::default()
         };
-
-        let pixels = self.preprocess(&request.image, &params.limits)?;
-        stats.preprocess_ms = ms_since(t0);
-
-        let t = Instant::now();
-        let tokens = self.encode_image(&pixels)?;
-        stats.vision_ms = ms_since(t);
+        let pixels = &image.pixels;
+        let tokens = &image.vision;
         let total_visual = tokens.features.nrows();
         stats.visual_tokens_in = total_visual;
 
         let t = Instant::now();
-        let stage1 = params.prune.stage1(&resolved, &tokens)?;
+        let stage1 = params.prune.stage1(&resolved, tokens)?;
         stats.stage1_ms = ms_since(t);
         stats.visual_tokens_after_stage1 = stage1.kept.len();
         stats.kept_stage1 = stage1.kept.clone();
@@ -335,7 +372,7 @@ impl Model {
                 (&contiguous, m)
             }
         };
-        let layout = prompt::layout(&self.tokenizer, &self.manifest, &request.prompt, slots, slot_count)?;
+        let layout = prompt::layout(&self.tokenizer, &self.manifest, prompt, slots, slot_count)?;
         let max_pos = self.manifest.decoder.max_position_embeddings as i64;
         if layout.next_position >= max_pos {
             return Err(Error::ContextOverflow(format!(
@@ -383,7 +420,7 @@ impl Model {
         let trace = params.record.then(|| {
             Box::new(Trace {
                 pixels: pixels.pixels.clone(),
-                vision: tokens,
+                vision: tokens.clone(),
                 stage1,
                 image_embeds: visual,
                 layout: layout.clone(),

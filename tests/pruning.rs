@@ -220,3 +220,26 @@ fn cli_rejects_unknown_methods_and_invalid_budgets() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+#[test]
+fn a_prepared_image_serves_many_requests_with_the_same_results() {
+    let m = model("tiny-llava-clip");
+    let limits = nuwa::image::ImageLimits::default();
+    let prepared = m.prepare(&image(), &limits).expect("prepare");
+    for (prompt, prune) in [
+        ("Describe the image.", PruneConfig::default()),
+        ("What is on the table?", cfg(Method::Nuwa, Amount::Budget(64))),
+        ("Describe the image.", cfg(Method::VisionZip, Amount::Budget(128))),
+    ] {
+        let params = GenerationParams { max_new_tokens: 5, prune: prune.clone(), ..Default::default() };
+        let mut a = m.generate_prepared(&prepared, prompt, &params).expect("prepared");
+        a.run_to_end(|_| true).expect("decode");
+        let req = Request { image: image(), prompt: prompt.into(), params };
+        let mut b = m.generate(&req).expect("full request");
+        b.run_to_end(|_| true).expect("decode");
+        let (a, b) = (a.output(), b.output());
+        assert_eq!(a.tokens, b.tokens, "{prompt} {prune:?}");
+        assert_eq!(a.stats.kept_stage2, b.stats.kept_stage2);
+        assert!(a.stats.ttft_ms >= a.stats.vision_ms, "ttft counts the preparation");
+    }
+}

@@ -399,11 +399,10 @@ fn eval(a: EvalArgs) -> Result<()> {
     let model = a.model.load()?;
     eval::check_settings(&model, &settings)?;
     let mut progress = Progress::new(data.items.len() * settings.len(), !a.quiet);
-    let mut runs = Vec::with_capacity(settings.len());
-    for prune in &settings {
-        let label = eval::label(prune);
-        progress.set_label(&label);
-        let run = eval::evaluate(&model, &data, prune, a.max_tokens, |e| progress.tick(matches!(e, ItemEvent::Failed(_))))?;
+    progress.set_label(&if settings.len() > 1 { format!("{} settings", settings.len()) } else { eval::label(&settings[0]) });
+    let runs = eval::evaluate_sweep(&model, &data, &settings, a.max_tokens, |_, e| progress.tick(matches!(e, ItemEvent::Failed(_))))?;
+    for run in &runs {
+        let label = eval::label(&run.prune);
         if let Some(w) = predictions.as_mut() {
             for item in &run.items {
                 let mut v = serde_json::to_value(item)?;
@@ -414,7 +413,7 @@ fn eval(a: EvalArgs) -> Result<()> {
             }
         }
         if settings.len() > 1 {
-            let s = eval::Summary::of(&run);
+            let s = eval::Summary::of(run);
             let acc = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.3}"));
             progress.println(&format!(
                 "nuwa eval: {label}: grounding {} vqa {} ttft {:.1} ms",
@@ -423,7 +422,6 @@ fn eval(a: EvalArgs) -> Result<()> {
                 s.mean_ttft_ms.unwrap_or(0.0)
             ));
         }
-        runs.push(run);
     }
     progress.finish();
     if let Some(mut w) = predictions {

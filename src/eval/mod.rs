@@ -27,7 +27,7 @@ pub use metrics::{iou, normalize_answer, score, Expected, Score, IOU_THRESHOLD};
 pub use table::{retention, Summary, Table};
 
 use crate::error::{Error, Result};
-use crate::pipeline::{GenerationParams, ImageInput, Model, Request};
+use crate::pipeline::{GenerationParams, ImageInput, Model, PreparedImage};
 use crate::prune::{Amount, Method, PruneConfig};
 use crate::sampler::SamplerConfig;
 
@@ -87,9 +87,7 @@ pub fn label(prune: &PruneConfig) -> String {
     }
 }
 
-/// Runs every item of `data` through `model` with greedy decoding, at most `max_new_tokens` tokens, under `prune`.
-/// An invalid pruning setting fails before any item runs; an item whose request fails is recorded as unreadable and
-/// the run goes on. `on_item` is called after each item.
+/// Runs every item of `data` under `prune`; `on_item` sees each result as it comes (for progress).
 pub fn evaluate(
     model: &Arc<Model>,
     data: &Dataset,
@@ -97,53 +95,72 @@ pub fn evaluate(
     max_new_tokens: usize,
     mut on_item: impl FnMut(ItemEvent<'_>),
 ) -> Result<RunResult> {
+    let mut runs = evaluate_sweep(model, data, std::slice::from_ref(prune), max_new_tokens, |_, e| on_item(e))?;
+    runs.pop().ok_or_else(|| Error::InvalidRequest("no evaluation run".into()))
+}
+
+/// Runs every item of `data` under each of `settings`, one [`RunResult`] per setting, in order.
+///
+/// Items are the outer loop: each image is decoded and encoded by the vision tower once
+/// ([`Model::prepare`]) and every setting runs on it, so a sweep costs one vision pass per item, not one per item
+/// and setting. `on_item` gets the setting's index with each result.
+pub fn evaluate_sweep(
+    model: &Arc<Model>,
+    data: &Dataset,
+    settings: &[PruneConfig],
+    max_new_tokens: usize,
+    mut on_item: impl FnMut(usize, ItemEvent<'_>),
+) -> Result<Vec<RunResult>> {
     let v = &model.manifest().vision;
-    prune.resolve(v.grid_h, v.grid_w)?;
+    for prune in settings {
+        prune.resolve(v.grid_h, v.grid_w)?;
+    }
     if max_new_tokens == 0 {
         return Err(Error::InvalidRequest("--max-tokens must be at least 1".into()));
     }
-    let mut items = Vec::with_capacity(data.items.len());
-    let mut unreadable = data.unreadable.clone();
+    let mut runs: Vec<RunResult> = settings
+        .iter()
+        .map(|prune| RunResult { prune: prune.clone(), items: Vec::with_capacity(data.items.len()), unreadable: data.unreadable.clone() })
+        .collect();
+    let base = GenerationParams { max_new_tokens, sampler: SamplerConfig::Greedy, record: false, ..GenerationParams::default() };
     for item in &data.items {
-        let request = Request {
-            image: ImageInput::Path(item.image.clone()),
-            prompt: item.prompt.clone(),
-            params: GenerationParams {
-                max_new_tokens,
-                sampler: SamplerConfig::Greedy,
-                prune: prune.clone(),
-                record: false,
-                ..GenerationParams::default()
-            },
-        };
-        match run_item(model, &request) {
-            Ok(out) => {
-                let s = &out.stats;
-                let result = ItemResult {
-                    line: item.line,
-                    kind: item.expected.kind(),
-                    score: score(&item.expected, &out.text, &out.boxes),
-                    ttft_ms: s.ttft_ms,
-                    visual_tokens_kept: s.visual_tokens_kept,
-                    visual_tokens_after_stage1: s.visual_tokens_after_stage1,
-                    text: out.text,
-                };
-                on_item(ItemEvent::Scored(&result));
-                items.push(result);
-            }
-            Err(e) => {
-                let u = Unreadable { line: item.line, reason: format!("{}: {e}", item.image.display()) };
-                on_item(ItemEvent::Failed(&u));
-                unreadable.push(u);
+        let prepared = model.prepare(&ImageInput::Path(item.image.clone()), &base.limits);
+        for (i, run) in runs.iter_mut().enumerate() {
+            let params = GenerationParams { prune: run.prune.clone(), ..base.clone() };
+            let outcome = prepared.as_ref().map_err(|e| e.to_string()).and_then(|image| {
+                run_item(model, image, &item.prompt, &params).map_err(|e| e.to_string())
+            });
+            match outcome {
+                Ok(out) => {
+                    let s = &out.stats;
+                    let result = ItemResult {
+                        line: item.line,
+                        kind: item.expected.kind(),
+                        score: score(&item.expected, &out.text, &out.boxes),
+                        ttft_ms: s.ttft_ms,
+                        visual_tokens_kept: s.visual_tokens_kept,
+                        visual_tokens_after_stage1: s.visual_tokens_after_stage1,
+                        text: out.text,
+                    };
+                    on_item(i, ItemEvent::Scored(&result));
+                    run.items.push(result);
+                }
+                Err(e) => {
+                    let u = Unreadable { line: item.line, reason: format!("{}: {e}", item.image.display()) };
+                    on_item(i, ItemEvent::Failed(&u));
+                    run.unreadable.push(u);
+                }
             }
         }
     }
-    unreadable.sort_by_key(|u| u.line);
-    Ok(RunResult { prune: prune.clone(), items, unreadable })
+    for run in &mut runs {
+        run.unreadable.sort_by_key(|u| u.line);
+    }
+    Ok(runs)
 }
 
-fn run_item(model: &Arc<Model>, request: &Request) -> Result<crate::pipeline::Output> {
-    let mut generation = model.generate(request)?;
+fn run_item(model: &Arc<Model>, image: &PreparedImage, prompt: &str, params: &GenerationParams) -> Result<crate::pipeline::Output> {
+    let mut generation = model.generate_prepared(image, prompt, params)?;
     generation.run_to_end(|_| true)?;
     Ok(generation.output())
 }
