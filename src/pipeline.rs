@@ -18,7 +18,7 @@ use crate::image::{self, ImageLimits, PixelBatch, ResizeRecord};
 use crate::kv::KvCache;
 use crate::manifest::Manifest;
 use crate::prompt::{self, PromptLayout};
-use crate::prune::{PositionPolicy, PruneConfig, Stage1Result};
+use crate::prune::{PositionPolicy, PruneConfig, Resolved, Stage1Result};
 use crate::runtime::{Provider, Runtime, SessionOptions};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::stats::{ms_since, peak_rss_mb, Stats};
@@ -319,7 +319,7 @@ impl Model {
         self.generate_prepared(&image, &request.prompt, &request.params)
     }
 
-    fn check_params(&self, prompt: &str, params: &GenerationParams) -> Result<()> {
+    fn check_params(&self, prompt: &str, params: &GenerationParams) -> Result<Resolved> {
         params.sampler.validate()?;
         if params.max_new_tokens == 0 {
             return Err(Error::InvalidRequest("max_new_tokens must be at least 1".into()));
@@ -328,18 +328,16 @@ impl Model {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
         let v = &self.manifest.vision;
-        params.prune.resolve(v.grid_h, v.grid_w).map(|_| ())
+        params.prune.resolve(v.grid_h, v.grid_w)
     }
 
     /// Starts a request on an image already prepared by [`Model::prepare`]. Timings count the preparation, so
     /// `ttft_ms` means the same as for [`Model::generate`].
     pub fn generate_prepared(self: &Arc<Self>, image: &PreparedImage, prompt: &str, params: &GenerationParams) -> Result<Generation> {
-        self.check_params(prompt, params)?;
+        let resolved = self.check_params(prompt, params)?;
         let prepared_for = std::time::Duration::from_secs_f64((image.preprocess_ms + image.vision_ms).max(0.0) / 1e3);
         let t0 = Instant::now().checked_sub(prepared_for).unwrap_or_else(Instant::now);
         let sampler = params.sampler.build()?;
-        let v = &self.manifest.vision;
-        let resolved = params.prune.resolve(v.grid_h, v.grid_w)?;
         let mut stats = Stats {
             provider: format!("{:?}", self.provider()).to_lowercase(),
             method: params.prune.method.to_string(),
