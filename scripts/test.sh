@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup-ort.sh
-# Library, binary and integration tests; benchmarks are compiled (so they cannot rot) but not run here.
-cargo test --release --lib --bins --tests "$@"
+# Library, binary, integration tests and examples; benchmarks are compiled (so they cannot rot) but not run here.
+cargo test --release --lib --bins --tests --examples "$@"
 cargo bench --no-run --quiet
