@@ -308,6 +308,28 @@ def make_items(rng: np.random.Generator, i: int, shapes: list[Shape], w: int, h:
     return items
 
 
+def generate_one(split: str, seed: int, i: int, bgs: list[Path], perm: np.ndarray, n_ground: int = 2):
+    """Image i of (seed, split): (PIL image, items, scene record). Depends only on (seed, split, i)."""
+    rng = np.random.default_rng([seed, SPLIT_CODE[split], i])
+    bg = bgs[perm[i % len(bgs)]]
+    img = Image.open(bg).convert("RGB")
+    if split == "train" and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    w, h = img.size
+    shapes = place_shapes(rng, w, h)
+    draw(img, shapes, rng)
+    rel = f"images/{i:06d}.jpg"
+    items = make_items(rng, i, shapes, w, h, rel, n_ground)
+    scene = {"image": rel, "background": str(bg.relative_to(COCO)), "width": w, "height": h,
+             "shapes": [s.to_json() for s in shapes]}
+    return img, items, scene
+
+
+def background_order(split: str, seed: int) -> tuple[list[Path], np.ndarray]:
+    bgs = backgrounds(split)
+    return bgs, np.random.default_rng([seed, SPLIT_CODE[split]]).permutation(len(bgs))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--split", choices=["train", "heldout"], required=True)
@@ -318,8 +340,7 @@ def main() -> None:
     p.add_argument("--grounding-per-image", type=int, default=2)
     p.add_argument("--quality", type=int, default=92, help="JPEG quality")
     args = p.parse_args()
-    bgs = backgrounds(args.split)
-    perm = np.random.default_rng([args.seed, SPLIT_CODE[args.split]]).permutation(len(bgs))
+    bgs, perm = background_order(args.split, args.seed)
     out: Path = args.out
     (out / "images").mkdir(parents=True, exist_ok=True)
     mode = "a" if args.start > 0 else "w"
@@ -327,23 +348,14 @@ def main() -> None:
     sc = open(out / f"{args.split}.scenes.jsonl", mode)
     counts: dict = {}
     for i in range(args.start, args.n):
-        rng = np.random.default_rng([args.seed, SPLIT_CODE[args.split], i])
-        bg = bgs[perm[i % len(bgs)]]
-        img = Image.open(bg).convert("RGB")
-        if args.split == "train" and rng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        w, h = img.size
-        shapes = place_shapes(rng, w, h)
-        draw(img, shapes, rng)
-        rel = f"images/{i:06d}.jpg"
+        img, items, scene = generate_one(args.split, args.seed, i, bgs, perm, args.grounding_per_image)
+        rel = scene["image"]
         img.save(out / rel, quality=args.quality)
-        items = make_items(rng, i, shapes, w, h, rel, args.grounding_per_image)
         for it in items:
             jl.write(json.dumps(it) + "\n")
             key = (it["kind"], it["qtype"], it["answer"] if it["qtype"] == "exist" else "")
             counts[key] = counts.get(key, 0) + 1
-        sc.write(json.dumps({"image": rel, "background": str(bg.relative_to(COCO)), "width": w, "height": h,
-                             "shapes": [s.to_json() for s in shapes]}) + "\n")
+        sc.write(json.dumps(scene) + "\n")
         if (i + 1) % 200 == 0:
             print(f"[data] {i + 1}/{args.n}", flush=True)
     jl.close()

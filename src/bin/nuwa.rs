@@ -346,6 +346,15 @@ fn info(a: InfoArgs) -> Result<()> {
         m.tokenizer.file, m.tokenizer.bos_token_id, m.tokenizer.eos_token_ids, m.tokenizer.image_token, m.tokenizer.image_token_id
     );
     println!("template     {:?} (add_bos {})", m.prompt.template, m.prompt.add_bos);
+    let presets: Vec<String> = [64usize, 128, 192]
+        .iter()
+        .filter_map(|&b| {
+            let cfg = PruneConfig { method: Method::Nuwa, amount: Amount::Budget(b), ..PruneConfig::default() };
+            let r = cfg.resolve(v.grid_h, v.grid_w).ok()?;
+            Some(format!("{b}: {} -> {}", r.stage1.unwrap_or(v.num_tokens()), r.stage2.or(r.stage1).unwrap_or(v.num_tokens())))
+        })
+        .collect();
+    println!("nuwa budgets {} (visual tokens after stage 1 -> after stage 2, of {})", presets.join(" | "), v.num_tokens());
     println!("onnxruntime  {} ({})", rt.library().display(), rt.build_info());
     println!("providers    available: {} | running: {:?}", providers.join(", "), model.provider());
     Ok(())
