@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, type=Path, help="output dir, e.g. models/llava-1.5-7b")
     p.add_argument("--id", help="manifest id (default: the --out dir name)")
     p.add_argument("--split-layer", type=int, help="decoder head/tail split K (default N/2)")
+    p.add_argument("--fastv-layer", type=int, help="also cut the decoder at L < K (head [0,L), middle [L,K)) so FastV "
+                                                   "prunes at its own early layer (its paper: 2)")
     p.add_argument("--similarity-layers", type=int, default=9, help="trailing vision hidden_states averaged (9)")
     p.add_argument("--metric-layer", type=int, default=-2, help="HF attentions index of the CLS metric (-2)")
     p.add_argument("--quantize-vision", choices=["int8"], help="also write vision.int8.onnx and load it")
@@ -89,6 +91,9 @@ def export_model(args) -> dict:
     split = args.split_layer if args.split_layer is not None else n_layers // 2
     if not 1 <= split < n_layers:
         raise SystemExit(f"--split-layer must be in 1..{n_layers - 1}")
+    fastv = args.fastv_layer
+    if fastv is not None and not 1 <= fastv < split:
+        raise SystemExit(f"--fastv-layer must be in 1..{split - 1} (below --split-layer {split})")
 
     image = mf.image_section(processor.image_processor)
     H, W = image["height"], image["width"]
@@ -110,20 +115,26 @@ def export_model(args) -> dict:
     tied = lm_head.weight.data_ptr() == lang.embed_tokens.weight.data_ptr() or \
         torch.equal(lm_head.weight, lang.embed_tokens.weight)
     dec_bytes = sum(p.numel() * 4 for p in lang.parameters()) // 2
-    print(f"[export] decoder head [0,{split}) and tail [{split},{n_layers}) (tied lm_head: {tied})")
+    cuts = f"[0,{fastv}), middle [{fastv},{split})" if fastv else f"[0,{split})"
+    print(f"[export] decoder head {cuts} and tail [{split},{n_layers}) (tied lm_head: {tied})")
+    for stale in ("decoder_mid.onnx", "decoder_mid.onnx.data"):
+        (out / stale).unlink(missing_ok=True)
     ex.export_decoder(lang, lm_head, split, out / "decoder_head.onnx", out / "decoder_tail.onnx",
-                      external_head=dec_bytes > BIG, external_tail=tied or dec_bytes > BIG)
+                      external_head=dec_bytes > BIG, external_tail=tied or dec_bytes > BIG,
+                      fastv_layer=fastv, middle_path=out / "decoder_mid.onnx" if fastv else None)
     for f in out.glob("embed_tokens.*.bin"):
         f.unlink()
     head_file, tail_file = "decoder_head.onnx", "decoder_tail.onnx"
+    mid_file = "decoder_mid.onnx" if fastv else None
     quant: dict = {}
     if args.quantize_decoder:
         bits = 8 if args.quantize_decoder == "int8" else 4
         keep = [] if bits == 8 else _lm_head_nodes(out / "decoder_tail.onnx")
-        for src in ("decoder_head", "decoder_tail"):
+        for src in ("decoder_head", "decoder_mid", "decoder_tail") if fastv else ("decoder_head", "decoder_tail"):
             ex.quantize_decoder_nbits(out / f"{src}.onnx", out / f"{src}.{args.quantize_decoder}.onnx", bits,
                                       keep if src == "decoder_tail" else [])
         head_file, tail_file = f"decoder_head.{args.quantize_decoder}.onnx", f"decoder_tail.{args.quantize_decoder}.onnx"
+        mid_file = f"decoder_mid.{args.quantize_decoder}.onnx" if fastv else None
         quant["decoder"] = {"method": f"MatMulNBits {bits}-bit weight-only, block 128, symmetric, "
                                       f"accuracy_level {ex.NBITS_ACCURACY_LEVEL}",
                             "lm_head_fp32": bits == 4}
@@ -176,6 +187,10 @@ def export_model(args) -> dict:
             "head": {"file": head_file, "inputs_embeds": "inputs_embeds", "position_ids": "position_ids",
                      "past_key": "past_key.%d", "past_value": "past_value.%d", "hidden_states": "hidden_states",
                      "new_key": "new_key.%d", "new_value": "new_value.%d", "attention_row": "attention_row"},
+            "middle": [{"file": mid_file, "first_layer": fastv, "last_layer": split, "hidden_states": "hidden_states",
+                        "position_ids": "position_ids", "past_key": "past_key.%d", "past_value": "past_value.%d",
+                        "output": "hidden_states_out", "new_key": "new_key.%d", "new_value": "new_value.%d",
+                        "attention_row": "attention_row"}] if fastv else [],
             "tail": {"file": tail_file, "hidden_states": "hidden_states", "position_ids": "position_ids",
                      "past_key": "past_key.%d", "past_value": "past_value.%d", "logits": "logits",
                      "new_key": "new_key.%d", "new_value": "new_value.%d"},
@@ -183,7 +198,7 @@ def export_model(args) -> dict:
         "tokenizer": tok_section,
         "prompt": prompt,
         "box_format": {"kind": "normalized_xyxy", "decimals": 2},
-        "pruning": {"stage2_layer": split},
+        "pruning": {"stage2_layer": split, "fastv_layer": fastv or split},
     }
     if args.quantize_vision:
         ex.quantize_vision_int8(out / "vision.onnx", out / "vision.int8.onnx")

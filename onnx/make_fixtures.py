@@ -45,9 +45,9 @@ CHAT_TEMPLATE = (
 )
 
 FIXTURES = [
-    # id, tower, split, similarity layers, tied, image policy
-    dict(id="tiny-llava-clip", tower="clip", split=2, sim=3, tied=True, pad=True),
-    dict(id="tiny-llava-dinov2", tower="dinov2", split=3, sim=3, tied=False, pad=False),
+    # id, tower, split, FastV cut (a middle segment [fastv, split)), similarity layers, tied, image policy
+    dict(id="tiny-llava-clip", tower="clip", split=2, fastv=None, sim=3, tied=True, pad=True),
+    dict(id="tiny-llava-dinov2", tower="dinov2", split=3, fastv=1, sim=3, tied=False, pad=False),
 ]
 
 
@@ -191,15 +191,17 @@ def split_sweep(fx: dict, ckpt: Path, model, processor, square) -> None:
     ids, pv = mf.processor_input_ids(processor, PROMPT, square)
     tokens, ref = vf.hf_greedy(model, ids, pv, STEPS)
     print(f"[sweep] {fx['id']}: K | max abs logit error over prefill + {STEPS - 1} decode steps")
-    for k in range(1, n):
+    # Every split K, and every K with an extra FastV cut L < K (three segments).
+    for k, cut in [(k, None) for k in range(1, n)] + [(k, l) for k in range(2, n) for l in range(1, k)]:
         tmp = CACHE / f"{fx['id']}-K{k}"
-        export_llava.main(["--checkpoint", str(ckpt), "--out", str(tmp), "--split-layer", str(k),
+        extra = ["--fastv-layer", str(cut)] if cut else []
+        export_llava.main(["--checkpoint", str(ckpt), "--out", str(tmp), "--split-layer", str(k), *extra,
                            "--similarity-layers", str(fx["sim"]), "--no-verify", "--verify-image",
                            str(CACHE / "square.png")])
         res = vf.OrtModel(tmp).generate(ids, pv, tokens)
         err = vf.max_abs(res["step_logits"], ref)
-        print(f"[sweep] {fx['id']}: {k} | {err:.3g}")
-        assert err <= 1e-4 and res["argmax"] == tokens, f"split K={k}: error {err}"
+        print(f"[sweep] {fx['id']}: {k}{f' (FastV cut {cut})' if cut else ''} | {err:.3g}")
+        assert err <= 1e-4 and res["argmax"] == tokens, f"split K={k} cut {cut}: error {err}"
         shutil.rmtree(tmp)
 
 
@@ -225,7 +227,8 @@ def build_fixture(fx: dict, tokenizer, square, example) -> None:
     out = ROOT / "models" / fx["id"]
     if out.exists():
         shutil.rmtree(out)
-    export_llava.main(["--checkpoint", str(ckpt), "--out", str(out), "--split-layer", str(fx["split"]),
+    cut = ["--fastv-layer", str(fx["fastv"])] if fx["fastv"] else []
+    export_llava.main(["--checkpoint", str(ckpt), "--out", str(out), "--split-layer", str(fx["split"]), *cut,
                        "--similarity-layers", str(fx["sim"]), "--quantize-vision", "int8",
                        "--verify-image", str(CACHE / "square.png"), "--verify-steps", str(STEPS - 1)])
     manifest = json.loads((out / "manifest.json").read_text())

@@ -5,7 +5,6 @@ use std::time::Instant;
 use ndarray::Array2;
 use serde::Serialize;
 
-use crate::decoder::HalfOutput;
 use crate::error::{Error, Result};
 use crate::pipeline::Model;
 use crate::sampler::argmax;
@@ -40,21 +39,14 @@ impl Model {
                 d.max_position_embeddings
             )));
         }
-        let (head, tail) = self.halves();
         let vocab = d.vocab_size as u32;
         let ids: Vec<u32> = (0..context as u32).map(|i| (i * 7919 + 13) % vocab).collect();
         let positions: Vec<i64> = (0..context as i64).collect();
         let mut embeds = Array2::<f32>::zeros((context, d.hidden_size));
         self.embeddings().gather_into(&ids, embeds.view_mut())?;
-        let mut head_kv = head.new_cache(context + steps);
-        let mut tail_kv = tail.new_cache(context + steps);
+        let mut caches = self.new_caches(context + steps);
         let t = Instant::now();
-        let HalfOutput::Head { hidden, .. } = head.run(embeds.view(), &positions, &mut head_kv)? else {
-            return Err(Error::Session { stage: "decoder head", message: "unexpected output".into() });
-        };
-        let HalfOutput::Tail { mut logits } = tail.run(hidden.view(), &positions, &mut tail_kv)? else {
-            return Err(Error::Session { stage: "decoder tail", message: "unexpected output".into() });
-        };
+        let mut logits = self.run_decoder(embeds.view(), &positions, &mut caches)?;
         let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
         let mut times = Vec::with_capacity(steps);
         let mut embed = Array2::<f32>::zeros((1, d.hidden_size));
@@ -62,14 +54,7 @@ impl Model {
             let t = Instant::now();
             let id = argmax(&logits)?;
             self.embeddings().gather_into(&[id], embed.view_mut())?;
-            let pos = [(context + step) as i64];
-            let HalfOutput::Head { hidden, .. } = head.run(embed.view(), &pos, &mut head_kv)? else {
-                return Err(Error::Session { stage: "decoder head", message: "unexpected output".into() });
-            };
-            let HalfOutput::Tail { logits: next } = tail.run(hidden.view(), &pos, &mut tail_kv)? else {
-                return Err(Error::Session { stage: "decoder tail", message: "unexpected output".into() });
-            };
-            logits = next;
+            logits = self.run_decoder(embed.view(), &[(context + step) as i64], &mut caches)?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let mean = times.iter().sum::<f64>() / times.len() as f64;
@@ -83,7 +68,7 @@ impl Model {
             median_ms_per_token: median,
             mean_ms_per_token: mean,
             min_ms_per_token: min,
-            kv_bytes: head_kv.bytes_used() + tail_kv.bytes_used(),
+            kv_bytes: caches.iter().map(|c| c.bytes_used()).sum(),
         })
     }
 }

@@ -14,11 +14,13 @@ use crate::manifest::{layer_name, Manifest};
 use crate::runtime::{Expect, Provider, Runtime, SessionOptions};
 use crate::vision::{lock, ort_err, take_f32};
 
-/// Which half of the decoder a graph is.
+/// Which segment of the decoder a graph is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Half {
-    /// Layers [0, K); outputs hidden states and the Stage-2 attention row.
+    /// Layers from 0; outputs hidden states and the attention row of its last layer.
     Head,
+    /// Middle segment `i` (manifest `decoder.middle[i]`); like the head, from a later layer.
+    Middle(usize),
     /// Layers [K, N) with the final norm and lm_head; outputs last-position logits.
     Tail,
 }
@@ -65,6 +67,7 @@ impl DecoderHalf {
     fn stage(half: Half) -> &'static str {
         match half {
             Half::Head => "decoder head",
+            Half::Middle(_) => "decoder middle",
             Half::Tail => "decoder tail",
         }
     }
@@ -76,7 +79,11 @@ impl DecoderHalf {
         let (file, field, input, positions, pk, pv, nk, nv, output, row, layers) = match half {
             Half::Head => {
                 let h = &d.head;
-                (&h.file, "decoder.head.file", &h.inputs_embeds, &h.position_ids, &h.past_key, &h.past_value, &h.new_key, &h.new_value, &h.hidden_states, Some(&h.attention_row), 0..d.split_layer)
+                (&h.file, "decoder.head.file", &h.inputs_embeds, &h.position_ids, &h.past_key, &h.past_value, &h.new_key, &h.new_value, &h.hidden_states, Some(&h.attention_row), 0..d.head_end())
+            }
+            Half::Middle(i) => {
+                let s = d.middle.get(i).ok_or_else(|| Error::Manifest { path: m.path(), message: format!("decoder.middle[{i}] does not exist") })?;
+                (&s.file, "decoder.middle[].file", &s.hidden_states, &s.position_ids, &s.past_key, &s.past_value, &s.new_key, &s.new_value, &s.output, Some(&s.attention_row), s.first_layer..s.last_layer)
             }
             Half::Tail => {
                 let t = &d.tail;
@@ -95,7 +102,7 @@ impl DecoderHalf {
             Expect { name: positions, field: "decoder position_ids", ty: TensorElementType::Int64, dims: vec![Some(1), None] },
         ];
         let mut outputs = vec![match half {
-            Half::Head => Expect { name: output, field: "decoder.hidden_size", ty: f32t, dims: vec![Some(1), None, h] },
+            Half::Head | Half::Middle(_) => Expect { name: output, field: "decoder.hidden_size", ty: f32t, dims: vec![Some(1), None, h] },
             Half::Tail => Expect { name: output, field: "decoder.vocab_size", ty: f32t, dims: vec![Some(1), Some(d.vocab_size as i64)] },
         }];
         for names in [&past_keys, &past_values] {
@@ -204,7 +211,7 @@ impl DecoderHalf {
 
         let (dims, data) = take_f32(&mut out, stage, &self.output)?;
         match self.half {
-            Half::Head => {
+            Half::Head | Half::Middle(_) => {
                 if dims != [1, s, self.hidden] {
                     return Err(Error::Shape { what: self.output.clone(), message: format!("expected [1, {s}, {}], got {dims:?}", self.hidden) });
                 }

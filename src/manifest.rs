@@ -163,10 +163,48 @@ pub struct DecoderSpec {
     /// KV element type; only `f32` is defined.
     #[serde(default = "default_kv_dtype")]
     pub kv_dtype: String,
-    /// Head graph.
+    /// Head graph: layers [0, first middle segment's first layer), or [0, split_layer) without middle segments.
     pub head: DecoderHeadSpec,
-    /// Tail graph.
+    /// Optional segments between head and tail (contiguous, ending at split_layer): each boundary is a place to prune;
+    /// FastV prunes at the first boundary, Nüwa's Stage 2 at split_layer.
+    #[serde(default)]
+    pub middle: Vec<DecoderMiddleSpec>,
+    /// Tail graph: layers [split_layer, num_layers).
     pub tail: DecoderTailSpec,
+}
+
+impl DecoderSpec {
+    /// Last layer (exclusive) of the head graph.
+    pub fn head_end(&self) -> usize {
+        self.middle.first().map_or(self.split_layer, |m| m.first_layer)
+    }
+}
+
+/// Tensor names and layers of a middle decoder segment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecoderMiddleSpec {
+    /// Graph file.
+    pub file: String,
+    /// First layer (inclusive, global).
+    pub first_layer: usize,
+    /// Last layer (exclusive, global).
+    pub last_layer: usize,
+    /// Hidden states input.
+    pub hidden_states: String,
+    /// Position ids, i64 [1, S].
+    pub position_ids: String,
+    /// Past keys, `%d` = global layer index.
+    pub past_key: String,
+    /// Past values, `%d` = global layer index.
+    pub past_value: String,
+    /// Hidden states output.
+    pub output: String,
+    /// New keys output, `%d` = global layer index.
+    pub new_key: String,
+    /// New values output, `%d` = global layer index.
+    pub new_value: String,
+    /// Attention row of the last query at layer last_layer - 1, f32 [1, P + S].
+    pub attention_row: String,
 }
 
 fn default_kv_dtype() -> String {
@@ -344,6 +382,26 @@ impl Manifest {
         ] {
             check(name.matches("%d").count() == 1, format!("{field} {name:?} must contain %d exactly once"))?;
         }
+
+        let mut at = d.head_end();
+        check(at >= 1, "decoder.middle[0].first_layer must be at least 1 (the head needs a layer)".into())?;
+        for (i, mid) in d.middle.iter().enumerate() {
+            check(
+                mid.first_layer == at && mid.last_layer > mid.first_layer,
+                format!(
+                    "decoder.middle[{i}] covers layers [{}, {}) but must start at {at} and be non-empty",
+                    mid.first_layer, mid.last_layer
+                ),
+            )?;
+            for (field, name) in [("past_key", &mid.past_key), ("past_value", &mid.past_value), ("new_key", &mid.new_key), ("new_value", &mid.new_value)] {
+                check(name.matches("%d").count() == 1, format!("decoder.middle[{i}].{field} {name:?} must contain %d exactly once"))?;
+            }
+            at = mid.last_layer;
+        }
+        check(
+            at == d.split_layer,
+            format!("decoder.middle segments end at layer {at} but decoder.split_layer is {}", d.split_layer),
+        )?;
 
         let e = &self.embeddings;
         check(

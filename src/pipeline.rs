@@ -45,6 +45,7 @@ pub struct Model {
     vision: VisionEncoder,
     projector: Projector,
     head: DecoderHalf,
+    middle: Vec<DecoderHalf>,
     tail: DecoderHalf,
     notes: Vec<String>,
     runtime: Arc<Runtime>,
@@ -218,9 +219,12 @@ impl Model {
         let vision = VisionEncoder::load(&runtime, &vision_manifest, &sopts, &mut notes)?;
         let projector = Projector::load(&runtime, &manifest, &sopts, &mut notes)?;
         let head = DecoderHalf::load(&runtime, &manifest, Half::Head, &sopts, &mut notes)?;
+        let middle = (0..manifest.decoder.middle.len())
+            .map(|i| DecoderHalf::load(&runtime, &manifest, Half::Middle(i), &sopts, &mut notes))
+            .collect::<Result<Vec<_>>>()?;
         let tail = DecoderHalf::load(&runtime, &manifest, Half::Tail, &sopts, &mut notes)?;
         notes.dedup();
-        Ok(Arc::new(Model { manifest, tokenizer: Arc::new(tokenizer), embeddings, vision, projector, head, tail, notes, runtime }))
+        Ok(Arc::new(Model { manifest, tokenizer: Arc::new(tokenizer), embeddings, vision, projector, head, middle, tail, notes, runtime }))
     }
 
     /// The manifest.
@@ -248,9 +252,31 @@ impl Model {
         &self.embeddings
     }
 
-    /// The decoder head and tail.
-    pub fn halves(&self) -> (&DecoderHalf, &DecoderHalf) {
-        (&self.head, &self.tail)
+    /// The decoder segments in order: head, middle segments, tail.
+    pub fn segments(&self) -> Vec<&DecoderHalf> {
+        std::iter::once(&self.head).chain(&self.middle).chain(std::iter::once(&self.tail)).collect()
+    }
+
+    /// Empty KV caches for every segment, with room for `capacity` positions each.
+    pub fn new_caches(&self, capacity: usize) -> Vec<KvCache> {
+        self.segments().iter().map(|s| s.new_cache(capacity)).collect()
+    }
+
+    /// Runs `input` through every segment at `positions` (no pruning) and returns the last-position logits.
+    pub fn run_decoder(&self, input: ndarray::ArrayView2<'_, f32>, positions: &[i64], caches: &mut [KvCache]) -> Result<Vec<f32>> {
+        let segments = self.segments();
+        if caches.len() != segments.len() {
+            return Err(Error::Shape { what: "decoder caches".into(), message: format!("{} caches for {} segments", caches.len(), segments.len()) });
+        }
+        let mut hidden: Option<Array2<f32>> = None;
+        for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
+            let x = hidden.as_ref().map_or(input.view(), |h| h.view());
+            match seg.run(x, positions, cache)? {
+                HalfOutput::Head { hidden: h, .. } => hidden = Some(h),
+                HalfOutput::Tail { logits } => return Ok(logits),
+            }
+        }
+        Err(Error::Session { stage: "decoder tail", message: "the last segment returned hidden states".into() })
     }
 
     /// The ONNX Runtime in use.
@@ -382,38 +408,47 @@ impl Model {
 
         let t = Instant::now();
         let embeds = self.embed(&layout, &visual)?;
-        let capacity = layout.len() + params.max_new_tokens;
-        let mut head_kv = self.head.new_cache(capacity);
-        let (hidden, attention_row) = match self.head.run(embeds.view(), &layout.positions, &mut head_kv)? {
-            HalfOutput::Head { hidden, attention_row } => (hidden, attention_row),
-            HalfOutput::Tail { .. } => return Err(Error::Session { stage: "decoder head", message: "head returned logits".into() }),
-        };
-
-        let t2 = Instant::now();
-        let span = layout.image_span.clone();
-        let stage2 = params.prune.stage2(&resolved, &attention_row, span.clone())?;
-        let (tail_hidden, tail_positions) = match &stage2 {
-            None => (hidden, layout.positions.clone()),
-            Some(rel) => {
-                let keep: Vec<usize> = (0..span.start).chain(rel.iter().map(|&k| span.start + k)).chain(span.end..layout.len()).collect();
-                let positions = keep.iter().map(|&i| layout.positions[i]).collect();
-                (hidden.select(Axis(0), &keep), positions)
+        let d = &self.manifest.decoder;
+        // FastV prunes at the first decoder boundary (its own early cut when the export has one), Nüwa at the split.
+        let prune_at = if params.prune.method == crate::prune::Method::FastV { d.head_end() } else { d.split_layer };
+        let mut hidden = embeds;
+        let mut positions = layout.positions.clone();
+        let mut span = layout.image_span.clone();
+        let mut kept_now = stage1.kept.clone();
+        let mut caches = Vec::new();
+        let mut signal = Vec::new();
+        let mut stage2 = None;
+        let mut logits = None;
+        for seg in self.segments() {
+            let mut cache = seg.new_cache(positions.len() + params.max_new_tokens);
+            match seg.run(hidden.view(), &positions, &mut cache)? {
+                HalfOutput::Head { hidden: h, attention_row } => {
+                    hidden = h;
+                    if seg.layers().end == prune_at {
+                        let t2 = Instant::now();
+                        if let Some(rel) = params.prune.stage2(&resolved, &attention_row, span.clone())? {
+                            let keep: Vec<usize> =
+                                (0..span.start).chain(rel.iter().map(|&k| span.start + k)).chain(span.end..positions.len()).collect();
+                            hidden = hidden.select(Axis(0), &keep);
+                            positions = keep.iter().map(|&i| positions[i]).collect();
+                            kept_now = rel.iter().map(|&k| kept_now[k]).collect();
+                            span = span.start..span.start + rel.len();
+                            stage2 = Some(rel);
+                        }
+                        stats.stage2_ms = ms_since(t2);
+                        signal = attention_row;
+                    }
+                }
+                HalfOutput::Tail { logits: l } => logits = Some(l),
             }
-        };
-        stats.stage2_ms = ms_since(t2);
-        stats.kept_stage2 = match &stage2 {
-            None => stage1.kept.clone(),
-            Some(rel) => rel.iter().map(|&k| stage1.kept[k]).collect(),
-        };
+            caches.push(cache);
+        }
+        let logits = logits.ok_or_else(|| Error::Session { stage: "decoder tail", message: "no logits".into() })?;
+        stats.kept_stage2 = kept_now;
         stats.visual_tokens_after_stage2 = stats.kept_stage2.len();
         stats.visual_tokens_kept = stats.visual_tokens_after_stage2;
-
-        let mut tail_kv = self.tail.new_cache(tail_positions.len() + params.max_new_tokens);
-        let logits = match self.tail.run(tail_hidden.view(), &tail_positions, &mut tail_kv)? {
-            HalfOutput::Tail { logits } => logits,
-            HalfOutput::Head { .. } => return Err(Error::Session { stage: "decoder tail", message: "tail returned hidden states".into() }),
-        };
         stats.prefill_ms = ms_since(t);
+        let attention_row = signal;
 
         let trace = params.record.then(|| {
             Box::new(Trace {
@@ -429,8 +464,7 @@ impl Model {
 
         Ok(Generation {
             model: self.clone(),
-            head_kv,
-            tail_kv,
+            caches,
             sampler,
             detok: StreamDecoder::new(self.tokenizer.clone()),
             next_position: layout.next_position,
@@ -451,8 +485,7 @@ impl Model {
 /// One request in flight: KV caches, sampler, detokeniser and the text so far.
 pub struct Generation {
     model: Arc<Model>,
-    head_kv: KvCache,
-    tail_kv: KvCache,
+    caches: Vec<KvCache>,
     sampler: Box<dyn Sampler>,
     detok: StreamDecoder,
     next_position: i64,
@@ -510,15 +543,7 @@ impl Generation {
         let hidden = self.model.manifest.decoder.hidden_size;
         let mut embed = Array2::<f32>::zeros((1, hidden));
         self.model.embeddings.gather_into(&[id], embed.view_mut())?;
-        let pos = [self.next_position];
-        let h = match self.model.head.run(embed.view(), &pos, &mut self.head_kv)? {
-            HalfOutput::Head { hidden, .. } => hidden,
-            HalfOutput::Tail { .. } => return Err(Error::Session { stage: "decoder head", message: "head returned logits".into() }),
-        };
-        let logits = match self.model.tail.run(h.view(), &pos, &mut self.tail_kv)? {
-            HalfOutput::Tail { logits } => logits,
-            HalfOutput::Head { .. } => return Err(Error::Session { stage: "decoder tail", message: "tail returned hidden states".into() }),
-        };
+        let logits = self.model.run_decoder(embed.view(), &[self.next_position], &mut self.caches)?;
         self.next_position += 1;
         Ok(logits)
     }
@@ -538,10 +563,12 @@ impl Generation {
             self.stats.decode_ms_per_token = self.stats.decode_ms / steps as f64;
         }
         self.stats.generated_tokens = self.tokens.len();
-        self.stats.kv_bytes_head = self.head_kv.bytes_used();
-        self.stats.kv_bytes_tail = self.tail_kv.bytes_used();
-        self.stats.kv_bytes_per_head_layer = self.head_kv.bytes_used() / self.head_kv.num_layers().max(1);
-        self.stats.kv_bytes_per_tail_layer = self.tail_kv.bytes_used() / self.tail_kv.num_layers().max(1);
+        let (before, tail) = self.caches.split_at(self.caches.len().saturating_sub(1));
+        let head_layers: usize = before.iter().map(KvCache::num_layers).sum();
+        self.stats.kv_bytes_head = before.iter().map(KvCache::bytes_used).sum();
+        self.stats.kv_bytes_tail = tail.iter().map(KvCache::bytes_used).sum();
+        self.stats.kv_bytes_per_head_layer = self.stats.kv_bytes_head / head_layers.max(1);
+        self.stats.kv_bytes_per_tail_layer = self.stats.kv_bytes_tail / tail.iter().map(KvCache::num_layers).sum::<usize>().max(1);
         self.stats.peak_rss_mb = peak_rss_mb();
     }
 

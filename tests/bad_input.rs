@@ -286,3 +286,15 @@ fn unavailable_execution_provider_falls_back_to_cpu_and_says_so() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown execution provider"));
 }
+
+#[test]
+fn middle_segments_that_do_not_tile_the_head_are_rejected() {
+    let dir = scratch("bad-middle");
+    copy_model_from(&root().join("models").join("tiny-llava-dinov2"), &dir);
+    edit_manifest(&dir, |m| m["decoder"]["middle"][0]["last_layer"] = serde_json::json!(2));
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["decoder.middle", "split_layer"]);
+    let dir = scratch("missing-middle-file");
+    copy_model_from(&root().join("models").join("tiny-llava-dinov2"), &dir);
+    std::fs::remove_file(dir.join("decoder_mid.onnx")).expect("remove");
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["decoder_mid.onnx", "decoder.middle"]);
+}

@@ -243,3 +243,32 @@ fn a_prepared_image_serves_many_requests_with_the_same_results() {
         assert!(a.stats.ttft_ms >= a.stats.vision_ms, "ttft counts the preparation");
     }
 }
+
+#[test]
+fn fastv_prunes_at_its_early_cut_and_nuwa_at_the_split() {
+    // tiny-llava-dinov2 is exported with a FastV cut: head [0,1), middle [1,3), tail [3,4).
+    let m = model("tiny-llava-dinov2");
+    let d = &m.manifest().decoder;
+    assert_eq!((d.head_end(), d.split_layer, d.num_layers), (1, 3, 4));
+    let row = 2 * d.num_key_value_heads * d.head_dim * 4;
+    let n = m.manifest().vision.num_tokens();
+
+    let (g, out) = run(&m, cfg(Method::FastV, Amount::Budget(64)), 4);
+    let s = &out.stats;
+    let full = g.trace().expect("trace").layout.len() + out.tokens.len() - 1;
+    let dropped = n - s.visual_tokens_after_stage2;
+    assert!(dropped > 0);
+    // Layer 0 holds every token; layers 1 and 2 (head group) and layer 3 (tail) only FastV's survivors.
+    assert_eq!(s.kv_bytes_head, (full + 2 * (full - dropped)) * row);
+    assert_eq!(s.kv_bytes_tail, (full - dropped) * row);
+    assert_eq!(g.trace().expect("trace").attention_row.len(), full - out.tokens.len() + 1, "the layer-0 row over the prompt");
+
+    let (g, out) = run(&m, cfg(Method::Nuwa, Amount::Budget(64)), 4);
+    let s = &out.stats;
+    let full = g.trace().expect("trace").layout.len() + out.tokens.len() - 1;
+    let dropped2 = s.visual_tokens_after_stage1 - s.visual_tokens_after_stage2;
+    assert!(dropped2 > 0);
+    // Nüwa: Stage 1 already shortened the prompt; Stage 2 acts only at the split (layer 3).
+    assert_eq!(s.kv_bytes_head, 3 * full * row);
+    assert_eq!(s.kv_bytes_tail, (full - dropped2) * row);
+}

@@ -87,10 +87,11 @@ class _DecoderStack(nn.Module):
 
 class DecoderHead(_DecoderStack):
     """(inputs_embeds, position_ids, past_key.i, past_value.i ...) ->
-    (hidden_states, attention_row, new_key.i, new_value.i ...) for layers [0, K)."""
+    (hidden_states, attention_row, new_key.i, new_value.i ...) for layers [first, last): the head when first == 0,
+    a middle segment (input hidden states from the previous segment) otherwise. attention_row is at layer last-1."""
 
-    def __init__(self, language_model: nn.Module, split_layer: int):
-        super().__init__(language_model, 0, split_layer)
+    def __init__(self, language_model: nn.Module, last: int, first: int = 0):
+        super().__init__(language_model, first, last)
 
     def forward(self, inputs_embeds, position_ids, *past):
         h, new_kv, row = self.run(inputs_embeds, position_ids, list(past), self.last - 1)
@@ -114,11 +115,14 @@ class DecoderTail(_DecoderStack):
 
 
 def io_names(first: int, last: int, head: bool) -> tuple[list[str], list[str]]:
-    """ONNX input/output names, `%d` = global layer index (matches the manifest templates)."""
+    """ONNX input/output names, `%d` = global layer index (matches the manifest templates). A middle segment
+    (head=True, first > 0) reads `hidden_states` and writes `hidden_states_out` (a graph cannot reuse a name)."""
     kv_in, kv_out = [], []
     for i in range(first, last):
         kv_in += [f"past_key.{i}", f"past_value.{i}"]
         kv_out += [f"new_key.{i}", f"new_value.{i}"]
+    if head and first > 0:
+        return ["hidden_states", "position_ids", *kv_in], ["hidden_states_out", "attention_row", *kv_out]
     if head:
         return ["inputs_embeds", "position_ids", *kv_in], ["hidden_states", "attention_row", *kv_out]
     return ["hidden_states", "position_ids", *kv_in], ["logits", *kv_out]

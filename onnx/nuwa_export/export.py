@@ -73,7 +73,7 @@ def _decoder_axes(inputs: list[str], outputs: list[str]) -> dict:
     for n in inputs:
         axes[n] = {1: "P"} if n.startswith("past_") else {1: "S"}
     for n in outputs:
-        if n.startswith("new_") or n == "hidden_states":
+        if n.startswith("new_") or n in ("hidden_states", "hidden_states_out"):
             axes[n] = {1: "S"}
         elif n == "attention_row":
             axes[n] = {1: "T"}
@@ -106,13 +106,23 @@ def _lm_head_as_gemm(path: Path, weight: np.ndarray, external: bool) -> None:
 
 
 def export_decoder(language_model, lm_head, split: int, head_path: Path, tail_path: Path,
-                   external_head: bool, external_tail: bool) -> None:
+                   external_head: bool, external_tail: bool, fastv_layer: int | None = None,
+                   middle_path: Path | None = None) -> None:
+    """Head [0, K) and tail [K, N); with `fastv_layer` L (1 <= L < K) the head is cut again into [0, L) and a
+    middle segment [L, K) at `middle_path`, so FastV can prune at its own early layer and Nüwa at K."""
     cfg = language_model.config
     n = cfg.num_hidden_layers
-    head = DecoderHead(language_model, split)
-    h, pos, past = _decoder_sample(cfg, split)
-    ins, outs = io_names(0, split, head=True)
-    _export(head, (h, pos, *past), head_path, ins, outs, _decoder_axes(ins, outs), external_head)
+    first_cut = fastv_layer if fastv_layer else split
+    segments = [(0, first_cut, head_path)]
+    if fastv_layer:
+        if middle_path is None or not 1 <= fastv_layer < split:
+            raise ValueError(f"fastv_layer {fastv_layer} needs a middle path and must lie in [1, {split})")
+        segments.append((fastv_layer, split, middle_path))
+    for first, last, path in segments:
+        seg = DecoderHead(language_model, last, first=first)
+        h, pos, past = _decoder_sample(cfg, last - first)
+        ins, outs = io_names(first, last, head=True)
+        _export(seg, (h, pos, *past), path, ins, outs, _decoder_axes(ins, outs), external_head)
     tail = DecoderTail(language_model, lm_head, split)
     h, pos, past = _decoder_sample(cfg, n - split)
     ins, outs = io_names(split, n, head=False)

@@ -83,6 +83,7 @@ class OrtModel:
         self.vision = mk(vision_file or self.m["vision"]["file"])
         self.projector = mk(self.m["projector"]["file"])
         self.head = mk(self.m["decoder"]["head"]["file"])
+        self.middle = [mk(mid["file"]) for mid in self.m["decoder"].get("middle", [])]
         self.tail = mk(self.m["decoder"]["tail"]["file"])
         e = self.m["embeddings"]
         dt = {"f16": "<f2", "f32": "<f4"}[e["dtype"]]
@@ -102,15 +103,25 @@ class OrtModel:
         return self.projector.run([p["output"]], {p["input"]: features})[0]
 
     def _step(self, embeds: np.ndarray, positions: np.ndarray, kv: list[np.ndarray]):
+        """One pass through head, middle segments and tail; returns logits, the attention row at the split layer
+        (from the segment ending there) and the KV with the new positions appended."""
         d = self.m["decoder"]
         h, t = d["head"], d["tail"]
-        feeds = {h["inputs_embeds"]: embeds, h["position_ids"]: positions}
-        for i in range(self.k):
-            feeds[h["past_key"] % i], feeds[h["past_value"] % i] = kv[2 * i], kv[2 * i + 1]
-        names = [h["hidden_states"], h["attention_row"]] + sum(([h["new_key"] % i, h["new_value"] % i]
-                                                                for i in range(self.k)), [])
-        outs = self.head.run(names, feeds)
-        hidden, row, new = outs[0], outs[1], outs[2:]
+        segs = [(self.head, h["inputs_embeds"], h["hidden_states"], h["attention_row"], 0,
+                 d["middle"][0]["first_layer"] if d.get("middle") else self.k, h)]
+        segs += [(sess, mid["hidden_states"], mid["output"], mid["attention_row"], mid["first_layer"],
+                  mid["last_layer"], mid) for sess, mid in zip(self.middle, d.get("middle", []))]
+        hidden, row, new = embeds, None, []
+        for sess, in_name, out_name, row_name, first, last, spec in segs:
+            feeds = {in_name: hidden, spec["position_ids"]: positions}
+            for i in range(first, last):
+                feeds[spec["past_key"] % i], feeds[spec["past_value"] % i] = kv[2 * i], kv[2 * i + 1]
+            names = [out_name, row_name] + sum(([spec["new_key"] % i, spec["new_value"] % i]
+                                                for i in range(first, last)), [])
+            outs = sess.run(names, feeds)
+            hidden, new = outs[0], new + outs[2:]
+            if last == self.k:
+                row = outs[1]
         feeds = {t["hidden_states"]: hidden, t["position_ids"]: positions}
         for i in range(self.k, self.n):
             feeds[t["past_key"] % i], feeds[t["past_value"] % i] = kv[2 * i], kv[2 * i + 1]

@@ -5,9 +5,8 @@
 //! - `none`: every token, both stages.
 //! - `nuwa`: Stage 1 (separation, pillars, aggregation) keeps `keep1`, Stage 2 at the split layer keeps `keep2`
 //!   (presets 64/128/192 -> 112/224/336 then 16/32/48 on 576 tokens, scaled by N/576 on other grids).
-//! - `fastv`: no Stage 1; at the split layer keeps the top `keep2` by the last token's attention (the model is
-//!   split at one layer, so FastV acts there rather than at its usual layer 2: export with `--split-layer 2` for the
-//!   original placement).
+//! - `fastv`: no Stage 1; keeps the top `keep2` by the last token's attention at the decoder's first cut, which is
+//!   FastV's own early layer when the model was exported with `--fastv-layer 2` (a middle segment), else the split.
 //! - `visionzip`, `divprune`, `dart`, `pool`, `random`: Stage 1 only, keeping the budget itself (64/128/192 on
 //!   576 tokens, scaled) for every layer, as those papers count budgets.
 //!
