@@ -433,6 +433,7 @@ impl Model {
                             positions = keep.iter().map(|&i| positions[i]).collect();
                             kept_now = rel.iter().map(|&k| kept_now[k]).collect();
                             span = span.start..span.start + rel.len();
+                            stats.stage2_layer = Some(prune_at);
                             stage2 = Some(rel);
                         }
                         stats.stage2_ms = ms_since(t2);

@@ -23,6 +23,8 @@ pub struct Stats {
     pub prefill_ms: f64,
     /// Stage-2 pruning (0 without pruning).
     pub stage2_ms: f64,
+    /// First decoder layer that sees only the Stage-2 (or FastV) selection; None when no in-decoder pruning ran.
+    pub stage2_layer: Option<usize>,
     /// All decode steps after the first token.
     pub decode_ms: f64,
     /// Mean time per decode step.

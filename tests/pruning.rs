@@ -258,6 +258,7 @@ fn fastv_prunes_at_its_early_cut_and_nuwa_at_the_split() {
     let full = g.trace().expect("trace").layout.len() + out.tokens.len() - 1;
     let dropped = n - s.visual_tokens_after_stage2;
     assert!(dropped > 0);
+    assert_eq!(s.stage2_layer, Some(1));
     // Layer 0 holds every token; layers 1 and 2 (head group) and layer 3 (tail) only FastV's survivors.
     assert_eq!(s.kv_bytes_head, (full + 2 * (full - dropped)) * row);
     assert_eq!(s.kv_bytes_tail, (full - dropped) * row);
@@ -268,6 +269,7 @@ fn fastv_prunes_at_its_early_cut_and_nuwa_at_the_split() {
     let full = g.trace().expect("trace").layout.len() + out.tokens.len() - 1;
     let dropped2 = s.visual_tokens_after_stage1 - s.visual_tokens_after_stage2;
     assert!(dropped2 > 0);
+    assert_eq!(s.stage2_layer, Some(3));
     // Nüwa: Stage 1 already shortened the prompt; Stage 2 acts only at the split (layer 3).
     assert_eq!(s.kv_bytes_head, 3 * full * row);
     assert_eq!(s.kv_bytes_tail, (full - dropped2) * row);
