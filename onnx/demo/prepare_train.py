@@ -1,0 +1,157 @@
+"""Training data + cached vision features for the demo VLM, in resumable shards.
+
+  .venv/bin/python onnx/demo/prepare_train.py --n 6000 --seed 1 --out .cache/demo-train
+
+For every training image i in [0, n) (make_data.generate_one(split="train", seed, i): the same seeded generator
+as onnx/demo/make_data.py, train2017 backgrounds at their own size / aspect ratio, --grounding-per-image grounding
+items (default 4, as many unambiguous expressions as exist) + exist / colour / count VQA items) this writes the JPEG
+and runs the EXPORTED vision tower (default .cache/dinov2-336/vision.int8.onnx, the graph the runtime loads:
+export_llava.py --quantize-vision int8 writes the identical quantize_dynamic graph) on it, keeping `features`
+[576, 384] (hidden_states[-2], CLS dropped) as float16.
+
+Preprocessing: the JPEG is read back from disk (so the decoder sees the same bytes the runtime would) and turned
+into pixel_values by transformers' LlavaImageProcessorPil configured exactly as the checkpoint's
+preprocessor_config.json (policy `pad`: expand2square with int(mean*255), bicubic 336, rescale, DINOv2 mean/std).
+That processor is the reference the exporter verifies the runtime's own resize against (manifest `image` section).
+
+Layout of --out:
+  meta.json                      n, seed, shard size, vision graph (size + sha256), preprocessing, grounding/img
+  processor/                     the LlavaProcessor (SmolLM2 tokenizer + <image>, chat template, image processor)
+  images/NNNNNN.jpg              the training images (--no-images to skip keeping them)
+  shard-KKKK/items.jsonl         items of images [K*S, (K+1)*S), with "index" (global image index) and "local"
+  shard-KKKK/features.f16.npy    [S, 576, 384] float16 (np.load(..., mmap_mode="r"))
+  shard-KKKK/DONE                written last; shards with DONE are skipped on a re-run (resumable; a killed shard
+                                 is redone from its start)
+
+Extraction time is dominated by the tower: ~90-500 ms/image on this 2-core VM depending on load (int8).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import demo_common as dc  # noqa: E402
+import make_data  # noqa: E402
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, required=True, help="number of training images")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", type=Path, default=dc.CACHE / "demo-train")
+    p.add_argument("--shard-size", type=int, default=250)
+    p.add_argument("--grounding-per-image", type=int, default=4)
+    p.add_argument("--vision", type=Path, default=dc.VISION_336 / "vision.int8.onnx")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quality", type=int, default=92, help="JPEG quality (make_data.py default)")
+    p.add_argument("--no-images", action="store_true", help="do not keep the JPEGs (features only)")
+    args = p.parse_args()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.vision.exists():
+        raise SystemExit(f"{args.vision} missing: run onnx/demo/export_vision.py (see onnx/demo/README.md)")
+
+    meta_path = out / "meta.json"
+    meta = {"split": "train", "seed": args.seed, "shard_size": args.shard_size,
+            "grounding_per_image": args.grounding_per_image, "quality": args.quality,
+            "vision": {"file": str(args.vision), "bytes": args.vision.stat().st_size, "sha256": sha256(args.vision),
+                       "output": "features", "dtype": "float16"},
+            "preprocessing": "LlavaImageProcessorPil (demo_common.build_processor): pad 336 bicubic, DINOv2 mean/std"}
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        for k in ("seed", "shard_size", "grounding_per_image", "quality"):
+            if old[k] != meta[k]:
+                raise SystemExit(f"{out} was prepared with {k}={old[k]} (now {meta[k]}): use another --out")
+        if old["vision"]["sha256"] != meta["vision"]["sha256"]:
+            raise SystemExit(f"{out} was extracted with another vision graph ({old['vision']['file']})")
+    meta["n"] = max(args.n, json.loads(meta_path.read_text())["n"] if meta_path.exists() else 0)
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+    if (out / "processor" / "tokenizer.json").exists():
+        processor = dc.load_processor(out / "processor")
+    else:
+        processor = dc.build_processor()
+        processor.save_pretrained(str(out / "processor"))
+    ip = processor.image_processor
+    sess = session(args.vision, args.threads)
+    bgs, perm = make_data.background_order("train", args.seed)
+    (out / "images").mkdir(exist_ok=True)
+
+    S = args.shard_size
+    n_shards = (args.n + S - 1) // S
+    t_all, n_done, t_vision = time.perf_counter(), 0, 0.0
+    for k in range(n_shards):
+        d = out / f"shard-{k:04d}"
+        lo, hi = k * S, min((k + 1) * S, args.n)
+        if (d / "DONE").exists() and (d / "DONE").read_text().strip() == f"images {lo}..{hi}":
+            continue  # done (a last shard done with a smaller --n is redone to its new size)
+        d.mkdir(exist_ok=True)
+        (d / "DONE").unlink(missing_ok=True)
+        feats = np.lib.format.open_memmap(d / "features.f16.npy.tmp", mode="w+", dtype=np.float16,
+                                          shape=(hi - lo, dc.N_IMAGE_TOKENS, 384))
+        items = []
+        t_shard = time.perf_counter()
+        for i in range(lo, hi):
+            img, its, scene = make_data.generate_one("train", args.seed, i, bgs, perm, args.grounding_per_image)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=args.quality)
+            data = buf.getvalue()
+            if not args.no_images:
+                (out / scene["image"]).write_bytes(data)
+            img = Image.open(io.BytesIO(data)).convert("RGB")
+            pv = ip(images=img, return_tensors="np")["pixel_values"].astype(np.float32)
+            t = time.perf_counter()
+            f = sess.run(["features"], {"pixel_values": pv})[0]
+            t_vision += time.perf_counter() - t
+            feats[i - lo] = f[0].astype(np.float16)
+            for it in its:
+                items.append({**it, "index": i, "local": i - lo, "width": scene["width"], "height": scene["height"]})
+            n_done += 1
+        feats.flush()
+        del feats
+        os.replace(d / "features.f16.npy.tmp", d / "features.f16.npy")
+        (d / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+        (d / "DONE").write_text(f"images {lo}..{hi}\n")
+        dt = time.perf_counter() - t_shard
+        el = time.perf_counter() - t_all
+        print(f"[prepare] shard {k + 1}/{n_shards} images {lo}..{hi}: {len(items)} items, {dt:.1f} s "
+              f"({1e3 * dt / (hi - lo):.0f} ms/image total, vision {1e3 * t_vision / n_done:.0f} ms/image mean); "
+              f"load {os.getloadavg()[0]:.1f}; ETA {(n_shards - k - 1) * el / max(1, n_done) * S / 60:.1f} min",
+              flush=True)
+    done = sorted(out.glob("shard-*/DONE"))[:n_shards]
+    print(f"[prepare] {len(done)}/{n_shards} shards done in {out}"
+          + (f"; this run: {n_done} images, vision {1e3 * t_vision / n_done:.0f} ms/image, total "
+             f"{1e3 * (time.perf_counter() - t_all) / n_done:.0f} ms/image" if n_done else ""))
+
+
+if __name__ == "__main__":
+    main()
