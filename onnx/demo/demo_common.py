@@ -120,3 +120,14 @@ def llava_config(processor):
     return LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_id=tok.convert_tokens_to_ids("<image>"),
                        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
                        image_seq_length=N_IMAGE_TOKENS, tie_word_embeddings=True)
+
+
+def ort_session(path: Path, threads: int):
+    """A CPU onnxruntime session with `threads` intra-op threads (quiet logs)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

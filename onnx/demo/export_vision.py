@@ -33,6 +33,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "onnx"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import demo_common as dc  # noqa: E402
 
 from nuwa_export import export as ex  # noqa: E402
 from nuwa_export import manifest as mf  # noqa: E402
@@ -68,16 +70,6 @@ def hf_reference(model, x: np.ndarray, feature_layer: int, metric_layer: int, si
             "similarity": torch.stack(hs[-sim_layers:]).mean(0)[:, 1:].numpy()}
 
 
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def run(sess, x: np.ndarray) -> dict:
     return dict(zip(OUTPUTS, sess.run(OUTPUTS, {"pixel_values": x})))
 
@@ -111,7 +103,7 @@ def bench_only(args) -> None:
     timing = {"threads": args.threads, "warmup": args.warmup, "load_avg_before": os.getloadavg()[0]}
     for key, f in (("fp32", "vision.onnx"), ("int8", "vision.int8.onnx")):
         if (out / f).exists():
-            timing[key] = bench(session(out / f, args.threads), x, args.warmup, args.runs)
+            timing[key] = bench(dc.ort_session(out / f, args.threads), x, args.warmup, args.runs)
             print(f"[bench] {key} {timing[key]['median_ms']:.1f} ms/image (median of {args.runs}, min "
                   f"{timing[key]['min_ms']:.1f}, {args.threads} threads)")
     timing["load_avg_after"] = os.getloadavg()[0]
@@ -158,7 +150,7 @@ def main() -> None:
     # -- fp32 graph vs the HF tower itself --------------------------------------------------------------------------
     x = pixels(ip, args.sample_image)
     ref = hf_reference(model, x, args.feature_layer, args.metric_layer, args.similarity_layers)
-    fp32 = session(out / "vision.onnx", args.threads)
+    fp32 = dc.ort_session(out / "vision.onnx", args.threads)
     got = run(fp32, x)
     for k in OUTPUTS:
         if got[k].shape != ref[k].shape:
@@ -192,7 +184,7 @@ def main() -> None:
     if args.quantize_vision:
         ex.quantize_vision_int8(out / "vision.onnx", out / "vision.int8.onnx")
         vision["file"] = "vision.int8.onnx"
-        q = session(out / "vision.int8.onnx", args.threads)
+        q = dc.ort_session(out / "vision.int8.onnx", args.threads)
         timing["int8"] = bench(q, x, args.warmup, args.runs)
         print(f"[bench] int8 {timing['int8']['median_ms']:.1f} ms/image")
         photos = sorted(COCO_VAL.glob("*.jpg"))[: args.eval_images]

@@ -53,16 +53,6 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, required=True, help="number of training images")
@@ -102,7 +92,7 @@ def main() -> None:
         processor = dc.build_processor()
         processor.save_pretrained(str(out / "processor"))
     ip = processor.image_processor
-    sess = session(args.vision, args.threads)
+    sess = dc.ort_session(args.vision, args.threads)
     bgs, perm = make_data.background_order("train", args.seed)
     (out / "images").mkdir(exist_ok=True)
 
