@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--metric-layer", type=int, default=-2, help="HF attentions index of the CLS metric (-2)")
     p.add_argument("--quantize-vision", choices=["int8"], help="also write vision.int8.onnx and load it")
     p.add_argument("--quantize-decoder", choices=["int8", "int4"], help="MatMulNBits weight-only decoder")
+    p.add_argument("--embeddings", choices=["f16", "q8"], default="f16",
+                   help="dtype of a separately written embedding table: f16, or q8 (int8, one f32 scale per row)")
     p.add_argument("--verify-image", type=Path, help="image for verification (default: a COCO photo)")
     p.add_argument("--verify-steps", type=int, default=4, help="greedy decode steps verified after the prefill")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check (saves memory)")
@@ -139,7 +141,9 @@ def export_model(args) -> dict:
                                       f"accuracy_level {ex.NBITS_ACCURACY_LEVEL}",
                             "lm_head_fp32": bits == 4}
     embeddings = ex.find_shared_embedding(out / tail_file, table) if tied else None
-    if embeddings is None:
+    if embeddings is None and args.embeddings == "q8":
+        embeddings = ex.write_q8_table(table, out / "embed_tokens.q8.bin")
+    elif embeddings is None:
         embeddings = ex.write_f16_table(table, out / "embed_tokens.f16.bin")
     else:
         print(f"[export] embedding table shared with lm_head inside {embeddings['file']} @ {embeddings['offset']}")

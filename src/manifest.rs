@@ -107,20 +107,35 @@ pub struct ProjectorSpec {
 
 /// Element type of the embedding table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
 pub enum EmbeddingDtype {
     /// IEEE half precision.
+    #[serde(rename = "f16")]
     F16,
     /// IEEE single precision.
+    #[serde(rename = "f32")]
     F32,
+    /// Symmetric int8 with one scale per row: each row is a little-endian f32 scale followed by `cols` signed bytes,
+    /// value = scale * byte (a quarter of f32, half of f16).
+    #[serde(rename = "q8_row")]
+    Q8Row,
 }
 
 impl EmbeddingDtype {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
+    /// Bytes of one row of `cols` values.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            EmbeddingDtype::F16 => 2 * cols,
+            EmbeddingDtype::F32 => 4 * cols,
+            EmbeddingDtype::Q8Row => 4 + cols,
+        }
+    }
+
+    /// Alignment the table's offset must have (the element size; 1 for the byte-addressed q8_row rows).
+    pub fn align(self) -> usize {
         match self {
             EmbeddingDtype::F16 => 2,
             EmbeddingDtype::F32 => 4,
+            EmbeddingDtype::Q8Row => 1,
         }
     }
 }

@@ -68,6 +68,16 @@ def hf_inputs_embeds(model, input_ids: list[int], pixel_values: np.ndarray, imag
 
 
 # ---------------------------------------------------------------------------------------------------------- ORT side
+def read_table(model_dir: Path, e: dict):
+    """The manifest's embedding table as a [rows, cols] array-like (rows gathered with table[ids])."""
+    if e["dtype"] == "q8_row":
+        raw = np.memmap(model_dir / e["file"], dtype=np.uint8, mode="r", offset=e["offset"],
+                        shape=(e["rows"], 4 + e["cols"]))
+        return np.ascontiguousarray(raw[:, 4:]).view(np.int8) * np.ascontiguousarray(raw[:, :4]).view("<f4")
+    dt = {"f16": "<f2", "f32": "<f4"}[e["dtype"]]
+    return np.memmap(model_dir / e["file"], dtype=dt, mode="r", offset=e["offset"], shape=(e["rows"], e["cols"]))
+
+
 class OrtModel:
     """The exported directory driven like the Rust runtime drives it."""
 
@@ -85,9 +95,7 @@ class OrtModel:
         self.head = mk(self.m["decoder"]["head"]["file"])
         self.middle = [mk(mid["file"]) for mid in self.m["decoder"].get("middle", [])]
         self.tail = mk(self.m["decoder"]["tail"]["file"])
-        e = self.m["embeddings"]
-        dt = {"f16": "<f2", "f32": "<f4"}[e["dtype"]]
-        self.table = np.memmap(self.dir / e["file"], dtype=dt, mode="r", offset=e["offset"], shape=(e["rows"], e["cols"]))
+        self.table = read_table(self.dir, self.m["embeddings"])
         d = self.m["decoder"]
         self.n, self.k = d["num_layers"], d["split_layer"]
         self.kvh, self.hd = d["num_key_value_heads"], d["head_dim"]
