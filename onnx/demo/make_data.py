@@ -256,8 +256,12 @@ def with_suffix(rng, q: str) -> str:
     return q + SUFFIX if rng.random() < 0.5 else q
 
 
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def make_items(rng: np.random.Generator, i: int, shapes: list[Shape], w: int, h: int, rel_image: str,
-               n_ground: int) -> list[dict]:
+               n_ground: int, vqa_rounds: int = 1) -> list[dict]:
     items = []
     exprs = referring_expressions(shapes, w, h)
     # grounding: prefer variety of expression types (uniform over types present, then over expressions)
@@ -278,38 +282,73 @@ def make_items(rng: np.random.Generator, i: int, shapes: list[Shape], w: int, h:
         bbox = [round(v, 1) for v in s.bbox]
         items.append({"image": rel_image, "kind": "grounding", "prompt": REC_PROMPT.format(expr),
                       "bbox": bbox, "answer": fmt_box(norm_box(s.bbox, w, h)), "expr": expr, "qtype": qt})
-    # existence, balanced: even images ask about a present (colour, shape), odd ones about an absent one
+    asked: set[str] = set()
+
+    def ask(q: str, answer: str, qtype: str) -> None:
+        if q not in asked:
+            asked.add(q)
+            items.append({"image": rel_image, "kind": "vqa", "prompt": with_suffix(rng, q), "answer": answer,
+                          "qtype": qtype})
+
     present = sorted({(s.color, s.kind) for s in shapes})
-    if i % 2 == 0:
-        c, k = present[int(rng.integers(len(present)))]
-        ans = "yes"
-    else:
-        absent = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in present]
-        colours, kinds = {c for c, _ in present}, {k for _, k in present}
-        adversarial = [(c, k) for c, k in absent if c in colours or k in kinds]
-        pool = adversarial if adversarial and rng.random() < 0.5 else absent
-        c, k = pool[int(rng.integers(len(pool)))]
-        ans = "no"
-    items.append({"image": rel_image, "kind": "vqa", "prompt": with_suffix(rng, f"Is there a {c} {k} in the image?"),
-                  "answer": ans, "qtype": "exist"})
-    # colour of a shape named without its colour
+    colours, kinds = {c for c, _ in present}, {k for _, k in present}
+    absent = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in present]
+    adversarial = [(c, k) for c, k in absent if c in colours or k in kinds]
     cands = [e for e in exprs if not e[3]]
-    if cands:
-        _, expr, tgt, _ = cands[int(rng.integers(len(cands)))]
-        items.append({"image": rel_image, "kind": "vqa", "prompt": with_suffix(rng, f"What color is {expr}?"),
-                      "answer": shapes[tgt].color, "qtype": "color"})
-    # count of a kind (present kinds 85 % of the time)
-    kinds_present = sorted({s.kind for s in shapes})
-    k = str(rng.choice(kinds_present)) if rng.random() < 0.85 else str(rng.choice(SHAPES))
-    cnt = sum(1 for s in shapes if s.kind == k)
-    items.append({"image": rel_image, "kind": "vqa",
-                  "prompt": with_suffix(rng, f"How many {PLURAL[k]} are there in the image?"),
-                  "answer": str(cnt), "qtype": "count"})
+    kinds_present = sorted(kinds)
+    for r in range(vqa_rounds):
+        # existence, balanced: round r of image i asks about a present (colour, shape) when i + r is even, an absent
+        # one otherwise (half of the negatives adversarial: the colour or the shape is present)
+        if (i + r) % 2 == 0:
+            c, k = present[int(rng.integers(len(present)))]
+            ans = "yes"
+        else:
+            pool = adversarial if adversarial and rng.random() < 0.5 else absent
+            c, k = pool[int(rng.integers(len(pool)))]
+            ans = "no"
+        ask(f"Is there {article(c)} {c} {k} in the image?", ans, "exist")
+        # colour of a shape named without its colour
+        if cands:
+            _, expr, tgt, _ = cands[int(rng.integers(len(cands)))]
+            ask(f"What color is {expr}?", shapes[tgt].color, "color")
+        # count of a kind (present kinds 85 % of the time)
+        k = str(rng.choice(kinds_present)) if rng.random() < 0.85 else str(rng.choice(SHAPES))
+        ask(f"How many {PLURAL[k]} are there in the image?", str(sum(1 for s in shapes if s.kind == k)), "count")
     return items
 
 
-def generate_one(split: str, seed: int, i: int, bgs: list[Path], perm: np.ndarray, n_ground: int = 2):
-    """Image i of (seed, split): (PIL image, items, scene record). Depends only on (seed, split, i)."""
+PATCH_LABELS = 1 + len(COLORS) * len(SHAPES)  # 0 = background, 1 + colour_index * 4 + shape_index
+
+
+def patch_labels(shapes: list[Shape], w: int, h: int, size: int = 336, patch: int = 14) -> np.ndarray:
+    """[(size/patch)^2] uint8: what covers each patch of the padded square model input (expand2square, centred, as
+    norm_box), in raster order: 0 = background, else 1 + colour_index * 4 + shape_index of the visible shape covering
+    the largest share of the patch, if that share is >= 1/3. Training-only auxiliary targets (train.py --aux)."""
+    lab = Image.new("L", (w, h), 0)
+    d = ImageDraw.Draw(lab)
+    cols, kinds = list(COLORS), SHAPES
+    for s in shapes:  # drawing order = occlusion order, as draw()
+        v = 1 + cols.index(s.color) * len(kinds) + kinds.index(s.kind)
+        if s.kind == "circle":
+            d.ellipse(s.bbox, fill=v)
+        else:
+            d.polygon(s.poly, fill=v)
+    side = max(w, h)
+    sq = Image.new("L", (side, side), 0)
+    sq.paste(lab, ((side - w) // 2, (side - h) // 2))
+    a = np.asarray(sq.resize((size, size), Image.NEAREST))
+    g = size // patch
+    blocks = a.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
+    counts = np.stack([(blocks == v).sum(1) for v in range(PATCH_LABELS)], 1)
+    counts[:, 0] = 0
+    best = counts.argmax(1)
+    return np.where(counts.max(1) * 3 >= patch * patch, best, 0).astype(np.uint8)
+
+
+def generate_one(split: str, seed: int, i: int, bgs: list[Path], perm: np.ndarray, n_ground: int = 2,
+                 vqa_rounds: int = 1):
+    """Image i of (seed, split): (PIL image, items, scene record, shapes). The image and its shapes depend only on
+    (seed, split, i); the items also on n_ground and vqa_rounds."""
     rng = np.random.default_rng([seed, SPLIT_CODE[split], i])
     bg = bgs[perm[i % len(bgs)]]
     img = Image.open(bg).convert("RGB")
@@ -319,10 +358,10 @@ def generate_one(split: str, seed: int, i: int, bgs: list[Path], perm: np.ndarra
     shapes = place_shapes(rng, w, h)
     draw(img, shapes, rng)
     rel = f"images/{i:06d}.jpg"
-    items = make_items(rng, i, shapes, w, h, rel, n_ground)
+    items = make_items(rng, i, shapes, w, h, rel, n_ground, vqa_rounds)
     scene = {"image": rel, "background": str(bg.relative_to(COCO)), "width": w, "height": h,
              "shapes": [s.to_json() for s in shapes]}
-    return img, items, scene
+    return img, items, scene, shapes
 
 
 def background_order(split: str, seed: int) -> tuple[list[Path], np.ndarray]:
@@ -338,6 +377,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--start", type=int, default=0, help="first image index (resume / shard); appends to the jsonl")
     p.add_argument("--grounding-per-image", type=int, default=2)
+    p.add_argument("--vqa-rounds", type=int, default=1, help="rounds of exist / colour / count questions per image")
     p.add_argument("--quality", type=int, default=92, help="JPEG quality")
     args = p.parse_args()
     bgs, perm = background_order(args.split, args.seed)
@@ -348,7 +388,8 @@ def main() -> None:
     sc = open(out / f"{args.split}.scenes.jsonl", mode)
     counts: dict = {}
     for i in range(args.start, args.n):
-        img, items, scene = generate_one(args.split, args.seed, i, bgs, perm, args.grounding_per_image)
+        img, items, scene, _ = generate_one(args.split, args.seed, i, bgs, perm, args.grounding_per_image,
+                                           args.vqa_rounds)
         rel = scene["image"]
         img.save(out / rel, quality=args.quality)
         for it in items:

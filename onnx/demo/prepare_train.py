@@ -20,8 +20,14 @@ Layout of --out:
   images/NNNNNN.jpg              the training images (--no-images to skip keeping them)
   shard-KKKK/items.jsonl         items of images [K*S, (K+1)*S), with "index" (global image index) and "local"
   shard-KKKK/features.f16.npy    [S, 576, 384] float16 (np.load(..., mmap_mode="r"))
+  shard-KKKK/labels.u8.npy       [S, 576] uint8 per-patch scene labels (make_data.patch_labels: background or
+                                 colour x shape), the auxiliary targets of train.py
   shard-KKKK/DONE                written last; shards with DONE are skipped on a re-run (resumable; a killed shard
                                  is redone from its start)
+
+--relabel rewrites items.jsonl and labels.u8.npy of the finished shards for new --grounding-per-image /
+--vqa-rounds without running the tower again (the images and shapes do not depend on them; the first image of every
+shard is regenerated and compared byte for byte with the kept JPEG to prove it).
 
 Extraction time is dominated by the tower: ~90-500 ms/image on this 2-core VM depending on load (int8).
 """
@@ -53,13 +59,49 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def relabel(out: Path, meta: dict, args, bgs, perm) -> None:
+    S, t0, n_items = args.shard_size, time.perf_counter(), 0
+    for k in range(10 ** 6):
+        d = out / f"shard-{k:04d}"
+        if not (d / "DONE").exists():
+            break
+        lo = k * S
+        hi = lo + len(np.load(d / "features.f16.npy", mmap_mode="r"))
+        items, labels = [], np.zeros((hi - lo, dc.N_IMAGE_TOKENS), np.uint8)
+        for i in range(lo, hi):
+            img, its, scene, shapes = make_data.generate_one("train", args.seed, i, bgs, perm,
+                                                             args.grounding_per_image, args.vqa_rounds)
+            if i == lo and (out / scene["image"]).exists():
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=args.quality)
+                if buf.getvalue() != (out / scene["image"]).read_bytes():
+                    raise SystemExit(f"{out / scene['image']}: the generator no longer reproduces this image; "
+                                     "relabelling would mismatch the cached features")
+            labels[i - lo] = make_data.patch_labels(shapes, scene["width"], scene["height"])
+            for it in its:
+                items.append({**it, "index": i, "local": i - lo, "width": scene["width"], "height": scene["height"]})
+        (d / "items.jsonl.tmp").write_text("".join(json.dumps(it) + "\n" for it in items))
+        os.replace(d / "items.jsonl.tmp", d / "items.jsonl")
+        np.save(d / "labels.u8.npy", labels)
+        n_items += len(items)
+        print(f"[relabel] shard {k}: images {lo}..{hi}, {len(items)} items, {time.perf_counter() - t0:.0f} s",
+              flush=True)
+    meta_path = out / "meta.json"
+    m = json.loads(meta_path.read_text())
+    m["grounding_per_image"], m["vqa_rounds"] = args.grounding_per_image, args.vqa_rounds
+    meta_path.write_text(json.dumps(m, indent=2) + "\n")
+    print(f"[relabel] {n_items} items in {time.perf_counter() - t0:.0f} s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, required=True, help="number of training images")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=dc.CACHE / "demo-train")
     p.add_argument("--shard-size", type=int, default=250)
-    p.add_argument("--grounding-per-image", type=int, default=4)
+    p.add_argument("--grounding-per-image", type=int, default=12)
+    p.add_argument("--vqa-rounds", type=int, default=2)
+    p.add_argument("--relabel", action="store_true", help="rewrite items + labels of finished shards (no tower run)")
     p.add_argument("--vision", type=Path, default=dc.VISION_336 / "vision.int8.onnx")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quality", type=int, default=92, help="JPEG quality (make_data.py default)")
@@ -72,14 +114,16 @@ def main() -> None:
 
     meta_path = out / "meta.json"
     meta = {"split": "train", "seed": args.seed, "shard_size": args.shard_size,
-            "grounding_per_image": args.grounding_per_image, "quality": args.quality,
+            "grounding_per_image": args.grounding_per_image, "vqa_rounds": args.vqa_rounds, "quality": args.quality,
             "vision": {"file": str(args.vision), "bytes": args.vision.stat().st_size, "sha256": sha256(args.vision),
                        "output": "features", "dtype": "float16"},
             "preprocessing": "LlavaImageProcessorPil (demo_common.build_processor): pad 336 bicubic, DINOv2 mean/std"}
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        for k in ("seed", "shard_size", "grounding_per_image", "quality"):
-            if old[k] != meta[k]:
+        for k in ("seed", "shard_size", "grounding_per_image", "vqa_rounds", "quality"):
+            if args.relabel and k in ("grounding_per_image", "vqa_rounds"):
+                continue
+            if old.get(k, 1 if k == "vqa_rounds" else None) != meta[k]:
                 raise SystemExit(f"{out} was prepared with {k}={old[k]} (now {meta[k]}): use another --out")
         if old["vision"]["sha256"] != meta["vision"]["sha256"]:
             raise SystemExit(f"{out} was extracted with another vision graph ({old['vision']['file']})")
@@ -95,8 +139,11 @@ def main() -> None:
     sess = dc.ort_session(args.vision, args.threads)
     bgs, perm = make_data.background_order("train", args.seed)
     (out / "images").mkdir(exist_ok=True)
-
     S = args.shard_size
+    if args.relabel:
+        relabel(out, meta, args, bgs, perm)
+        return
+
     n_shards = (args.n + S - 1) // S
     t_all, n_done, t_vision = time.perf_counter(), 0, 0.0
     for k in range(n_shards):
@@ -109,9 +156,12 @@ def main() -> None:
         feats = np.lib.format.open_memmap(d / "features.f16.npy.tmp", mode="w+", dtype=np.float16,
                                           shape=(hi - lo, dc.N_IMAGE_TOKENS, 384))
         items = []
+        labels = np.zeros((hi - lo, dc.N_IMAGE_TOKENS), np.uint8)
         t_shard = time.perf_counter()
         for i in range(lo, hi):
-            img, its, scene = make_data.generate_one("train", args.seed, i, bgs, perm, args.grounding_per_image)
+            img, its, scene, shapes = make_data.generate_one("train", args.seed, i, bgs, perm,
+                                                             args.grounding_per_image, args.vqa_rounds)
+            labels[i - lo] = make_data.patch_labels(shapes, scene["width"], scene["height"])
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=args.quality)
             data = buf.getvalue()
@@ -130,6 +180,7 @@ def main() -> None:
         del feats
         os.replace(d / "features.f16.npy.tmp", d / "features.f16.npy")
         (d / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+        np.save(d / "labels.u8.npy", labels)
         (d / "DONE").write_text(f"images {lo}..{hi}\n")
         dt = time.perf_counter() - t_shard
         el = time.perf_counter() - t_all

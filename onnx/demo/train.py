@@ -53,7 +53,7 @@ class Data:
     def __init__(self, root: Path, rule: dc.PromptRule, limit_images: int | None = None):
         meta = json.loads((root / "meta.json").read_text())
         S = meta["shard_size"]
-        self.feats, self.images = [], []  # images: (shard, local, [item ids])
+        self.feats, self.labels, self.images = [], [], []  # images: (shard, local, [item ids])
         self.items = []  # (suffix ids, answer ids, kind)
         prefix = None
         for k in range(10 ** 6):
@@ -61,6 +61,7 @@ class Data:
             if not (d / "DONE").exists():
                 break
             self.feats.append(np.load(d / "features.f16.npy", mmap_mode="r"))
+            self.labels.append(np.load(d / "labels.u8.npy") if (d / "labels.u8.npy").exists() else None)
             by_img: dict[int, list[int]] = {}
             for line in (d / "items.jsonl").read_text().splitlines():
                 it = json.loads(line)
@@ -93,6 +94,9 @@ class Data:
     def batch(self, img_ids, pad_id: int):
         feats = torch.from_numpy(np.stack([self.feats[self.images[i][0]][self.images[i][1]] for i in img_ids])
                                  .astype(np.float32))
+        labs = [self.labels[self.images[i][0]] for i in img_ids]
+        patch_labels = (torch.from_numpy(np.stack([l[self.images[i][1]] for l, i in zip(labs, img_ids)]).astype(np.int64))
+                        if all(l is not None for l in labs) else None)
         owner, seqs, tgts, kinds = [], [], [], []
         for b, i in enumerate(img_ids):
             for j in self.images[i][2]:
@@ -112,7 +116,7 @@ class Data:
                 labels.append(a)
                 lk.append(1 if kinds[m] == "grounding" else 0)
         return (feats, torch.tensor(owner), ids, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels),
-                torch.tensor(lk, dtype=torch.bool), len(seqs))
+                torch.tensor(lk, dtype=torch.bool), len(seqs)), patch_labels
 
 
 # ----------------------------------------------------------------------------------------------------------- model
@@ -129,8 +133,35 @@ def build(processor):
     return cfg, proj, lm
 
 
-def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch):
-    """Returns (logits at answer positions [T, V], labels [T], grounding mask [T], n_items)."""
+class AuxHead(torch.nn.Module):
+    """Training-only auxiliary readout of the projected image tokens (not exported): per patch, the colour and the
+    shape covering it (or background) and the patch's own grid position. It makes the projector put what grounding
+    needs (which object, where) into the decoder's input early; a decoder trained from scratch otherwise spends its
+    first thousands of steps on the language prior (measured: grounding token accuracy flat at ~0.72 for 15k items)."""
+
+    def __init__(self, hidden: int, n_colours: int = 8, n_shapes: int = 4, grid: int = 24):
+        super().__init__()
+        self.nc, self.ns = n_colours, n_shapes
+        self.out = torch.nn.Linear(hidden, (n_colours + 1) + (n_shapes + 1) + 2)
+        r = torch.arange(grid * grid)
+        self.register_buffer("pos", torch.stack([r % grid, r // grid], 1).float() / (grid - 1), persistent=False)
+
+    def loss(self, img: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+        y = self.out(img)  # [B, 576, 9 + 5 + 2]
+        obj = labels > 0
+        colour = torch.where(obj, (labels - 1) // self.ns + 1, 0)
+        shape = torch.where(obj, (labels - 1) % self.ns + 1, 0)
+        lc = F.cross_entropy(y[..., :self.nc + 1].flatten(0, 1), colour.flatten())
+        ls = F.cross_entropy(y[..., self.nc + 1:self.nc + self.ns + 2].flatten(0, 1), shape.flatten())
+        lp = F.mse_loss(y[..., -2:], self.pos.expand_as(y[..., -2:])) * 10
+        with torch.no_grad():
+            pc = y[..., :self.nc + 1].argmax(-1)
+            acc = (pc[obj] == colour[obj]).float().mean().item() if obj.any() else 0.0
+        return lc + ls + lp, acc
+
+
+def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch, aux=None):
+    """Returns (logits at answer positions [T, V], labels [T], grounding mask [T], n_items, projected image tokens)."""
     feats, owner, ids, rows, cols, labels, lk, n = batch
     B, P = feats.shape[0], prefix_ids.shape[0]
     emb = lm.model.embed_tokens
@@ -144,7 +175,7 @@ def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch)
     h = lm.model(inputs_embeds=emb(ids), past_key_values=cache,
                  position_ids=(P + torch.arange(S)).unsqueeze(0).expand(ids.shape[0], -1)).last_hidden_state
     logits = lm.lm_head(h[rows, cols])
-    return logits, labels, lk, n
+    return logits, labels, lk, n, img
 
 
 def full_forward(proj, lm, prefix_ids, image_mask, batch):
@@ -207,6 +238,7 @@ def main(argv=None) -> None:
     p.add_argument("--calib-steps", type=int, default=8, help="steps timed to fix the horizon under --hours")
     p.add_argument("--ckpt-minutes", type=float, default=10.0)
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--aux", type=float, default=0.5, help="weight of the auxiliary patch loss (0: off)")
     p.add_argument("--limit-images", type=int, help="use only the first N images (smoke tests)")
     p.add_argument("--check", action="store_true", help="verify shared-prefix == full-sequence logits, then exit")
     args = p.parse_args(argv)
@@ -232,7 +264,7 @@ def main(argv=None) -> None:
           f"(vocab {cfg.text_config.vocab_size}, tied): {n_params / 1e6:.2f} M trainable parameters")
 
     if args.check:
-        b = data.batch(list(range(min(2, len(data.images)))), pad_id)
+        b, _ = data.batch(list(range(min(2, len(data.images)))), pad_id)
         with torch.no_grad():
             a, *_ = forward(proj, lm, prefix_ids, image_mask, b)
             r, *_ = full_forward(proj, lm, prefix_ids, image_mask, b)
@@ -242,16 +274,22 @@ def main(argv=None) -> None:
             raise SystemExit("shared-prefix forward differs from the full sequence")
         return
 
-    decay = [p for n, p in list(proj.named_parameters()) + list(lm.named_parameters())
-             if p.ndim == 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in list(proj.named_parameters()) + list(lm.named_parameters())
-                if not (p.ndim == 2 and "embed_tokens" not in n)]
+    aux = AuxHead(cfg.text_config.hidden_size) if args.aux > 0 else None
+    if aux is not None and any(l is None for l in data.labels):
+        raise SystemExit(f"--aux needs labels.u8.npy in every shard: run prepare_train.py --relabel")
+    named = list(proj.named_parameters()) + list(lm.named_parameters())
+    if aux is not None:
+        named += [("aux." + n, p) for n, p in aux.named_parameters()]
+    decay = [p for n, p in named if p.ndim == 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in named if not (p.ndim == 2 and "embed_tokens" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     st = {"step": 0, "epoch": 0, "pos": 0, "samples": 0, "elapsed": 0.0, "total_steps": None}
     if args.resume and ckpt.exists():
         s = torch.load(ckpt, weights_only=False)
         proj.load_state_dict(s["projector"])
+        if aux is not None and s.get("aux") is not None:
+            aux.load_state_dict(s["aux"])
         lm.load_state_dict(s["language_model"])
         lm.tie_weights()
         opt.load_state_dict(s["optimizer"])
@@ -284,7 +322,8 @@ def main(argv=None) -> None:
 
     def checkpoint(reason: str):
         st["elapsed"] = elapsed()
-        save(ckpt, {"projector": proj.state_dict(), "language_model": lm.state_dict(), "optimizer": opt.state_dict(),
+        save(ckpt, {"projector": proj.state_dict(), "aux": aux.state_dict() if aux is not None else None,
+                    "language_model": lm.state_dict(), "optimizer": opt.state_dict(),
                     "state": dict(st), "rng": rng_state(), "args": vars(args), "config": cfg.to_dict()})
         print(f"[ckpt] {reason}: step {st['step']} -> {ckpt}", flush=True)
 
@@ -296,7 +335,7 @@ def main(argv=None) -> None:
     last_ckpt = time.perf_counter()
     order = data.order(args.seed, st["epoch"])
     log = {"loss": 0.0, "g_loss": 0.0, "g_n": 0, "v_loss": 0.0, "v_n": 0, "g_acc": 0, "v_acc": 0, "items": 0,
-           "t": time.perf_counter(), "steps": 0}
+           "aux": 0.0, "aux_acc": 0.0, "t": time.perf_counter(), "steps": 0}
     calib_t = None
     proj.train()
     lm.train()
@@ -313,17 +352,19 @@ def main(argv=None) -> None:
             st["pos"] = 0
             order = data.order(args.seed, st["epoch"])
         ids = order[st["pos"]:st["pos"] + args.batch_images].tolist()
-        b = data.batch(ids, pad_id)
+        b, patch_labels = data.batch(ids, pad_id)
         total_for_lr = st["total_steps"] or 10 ** 9
         lr = lr_at(st["step"], total_for_lr, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        logits, labels, lk, n = forward(proj, lm, prefix_ids, image_mask, b)
+        logits, labels, lk, n, img = forward(proj, lm, prefix_ids, image_mask, b)
         tok_loss = F.cross_entropy(logits.float(), labels, reduction="none")
         loss = tok_loss.mean()
+        aux_loss, aux_acc = (aux.loss(img, patch_labels) if aux is not None else (torch.zeros(()), 0.0))
+        total_loss = loss + args.aux * aux_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(proj.parameters()) + list(lm.parameters()), args.clip)
+        total_loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], args.clip)
         opt.step()
         st["step"] += 1
         st["pos"] += len(ids)
@@ -331,6 +372,8 @@ def main(argv=None) -> None:
         with torch.no_grad():
             hit = logits.argmax(-1) == labels
             log["loss"] += loss.item()
+            log["aux"] += aux_loss.item()
+            log["aux_acc"] += aux_acc
             log["g_loss"] += tok_loss[lk].sum().item()
             log["g_n"] += int(lk.sum())
             log["v_loss"] += tok_loss[~lk].sum().item()
@@ -352,7 +395,8 @@ def main(argv=None) -> None:
             print(f"[train] step {st['step']}/{st['total_steps'] or '?'} ep {st['epoch']} lr {lr:.2e} loss "
                   f"{log['loss'] / log['steps']:.4f} (ground {log['g_loss'] / max(1, log['g_n']):.4f} tok-acc "
                   f"{log['g_acc'] / max(1, log['g_n']):.3f}, vqa {log['v_loss'] / max(1, log['v_n']):.4f} tok-acc "
-                  f"{log['v_acc'] / max(1, log['v_n']):.3f}) | {log['items'] / dt:.2f} samples/s, "
+                  f"{log['v_acc'] / max(1, log['v_n']):.3f}, aux {log['aux'] / log['steps']:.3f} colour-acc "
+                  f"{log['aux_acc'] / log['steps']:.2f}) | {log['items'] / dt:.2f} samples/s, "
                   f"{dt / log['items']:.3f} s/sample, {dt / log['steps']:.2f} s/step | {st['samples']} samples, "
                   f"{elapsed() / 60:.1f} min", flush=True)
             log = {k: (0 if k != "t" else time.perf_counter()) for k in log}
