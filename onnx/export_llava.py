@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--quantize-decoder", choices=["int8", "int4"], help="MatMulNBits weight-only decoder")
     p.add_argument("--embeddings", choices=["f16", "q8"], default="f16",
                    help="dtype of a separately written embedding table: f16, or q8 (int8, one f32 scale per row)")
+    p.add_argument("--ship-quantized-only", action="store_true",
+                   help="after verification, delete the fp32 graphs that quantised ones replace (and the manifest's "
+                        "vision.fp32_file), leaving only what the runtime loads")
     p.add_argument("--verify-image", type=Path, help="image for verification (default: a COCO photo)")
     p.add_argument("--verify-steps", type=int, default=4, help="greedy decode steps verified after the prefill")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check (saves memory)")
@@ -281,6 +284,25 @@ def main(argv=None):
             print(f"[export] {f.name:28s} {f.stat().st_size:>12,d} bytes")
     if not args.no_verify:
         verify(args, manifest)
+    if args.ship_quantized_only:
+        ship_quantized_only(args.out, manifest)
+
+
+def ship_quantized_only(out: Path, manifest: dict) -> None:
+    """Remove every graph (and external data) the manifest no longer names: the fp32 originals of quantised graphs."""
+    if manifest["vision"].get("fp32_file") != manifest["vision"]["file"]:
+        manifest["vision"].pop("fp32_file", None)
+    d = manifest["decoder"]
+    keep = {manifest["vision"]["file"], manifest["projector"]["file"], d["head"]["file"], d["tail"]["file"],
+            *(m["file"] for m in d.get("middle", []))}
+    keep |= {k + ".data" for k in keep}
+    for f in sorted(out.glob("*.onnx")) + sorted(out.glob("*.onnx.data")):
+        if f.name not in keep:
+            print(f"[export] --ship-quantized-only: removing {f.name} ({f.stat().st_size:,d} bytes)")
+            f.unlink()
+    write_manifest(out, manifest)
+    total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"[export] shipped model: {total / 1e6:.1f} MB in {out}")
 
 
 if __name__ == "__main__":

@@ -298,3 +298,27 @@ fn middle_segments_that_do_not_tile_the_head_are_rejected() {
     std::fs::remove_file(dir.join("decoder_mid.onnx")).expect("remove");
     assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["decoder_mid.onnx", "decoder.middle"]);
 }
+
+#[test]
+fn closed_stdout_ends_quietly() {
+    // `nuwa run ... --json | head -c 1`: the reader goes away mid-output. That is not an error of ours: no panic,
+    // no backtrace, exit 0, as for other Unix tools.
+    use std::io::Read;
+    use std::process::Stdio;
+    let model = fixture();
+    let image = example_image();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nuwa"))
+        .current_dir(root())
+        .args(["run", "--model", model.to_str().unwrap(), "--image", image.to_str().unwrap()])
+        .args(["--prompt", "What is in the image?", "--json", "--max-tokens", "4"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nuwa");
+    drop(child.stdout.take());
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(status.success(), "{status}: {err}");
+}

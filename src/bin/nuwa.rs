@@ -195,6 +195,33 @@ struct EvalArgs {
     quiet: bool,
 }
 
+/// `println!` that never panics: a closed stdout (`nuwa ... | head`) ends the process quietly, as for other Unix
+/// tools; any other write error is reported and exits 1.
+macro_rules! outln {
+    ($($t:tt)*) => {
+        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+            stdout_failed(e)
+        }
+    };
+}
+
+/// `print!` counterpart of `outln!`.
+macro_rules! out {
+    ($($t:tt)*) => {
+        if let Err(e) = write!(std::io::stdout(), $($t)*) {
+            stdout_failed(e)
+        }
+    };
+}
+
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write to stdout: {e}");
+    std::process::exit(1);
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -246,7 +273,7 @@ fn run(a: RunArgs) -> Result<()> {
             "image": { "width": out.resize.original_width, "height": out.resize.original_height },
             "stats": out.stats,
         });
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        outln!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         let stdout = std::io::stdout();
         let mut lock = stdout.lock();
@@ -259,9 +286,11 @@ fn run(a: RunArgs) -> Result<()> {
             }
         })?;
         if let Some(e) = io_error {
-            return Err(e).context("writing to stdout");
+            stdout_failed(e);
         }
-        writeln!(lock)?;
+        if let Err(e) = writeln!(lock) {
+            stdout_failed(e);
+        }
         let out = generation.output();
         for b in &out.boxes {
             eprintln!("box (original pixels): [{:.1}, {:.1}, {:.1}, {:.1}]", b[0], b[1], b[2], b[3]);
@@ -318,34 +347,34 @@ fn info(a: InfoArgs) -> Result<()> {
             "onnxruntime": { "library": rt.library(), "build": rt.build_info(), "providers": providers },
             "provider": format!("{:?}", model.provider()).to_lowercase(),
         });
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        outln!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(());
     }
     let v = &m.vision;
     let d = &m.decoder;
-    println!("model        {} ({}) at {}", m.id, m.architecture, m.dir.display());
-    println!(
+    outln!("model        {} ({}) at {}", m.id, m.architecture, m.dir.display());
+    outln!(
         "image        {}x{} {:?} {:?}, mean {:?} std {:?}",
         m.image.width, m.image.height, m.image.resize, m.image.interpolation, m.image.mean, m.image.std
     );
-    println!(
+    outln!(
         "vision       {} ({} layers, width {}, patch {}, grid {}x{} = {} tokens, CLS {}, features layer {}, metric layer {}, similarity over last {})",
         v.file, v.num_layers, v.hidden_size, v.patch_size, v.grid_h, v.grid_w, v.num_tokens(), v.has_cls, v.feature_layer, v.metric_layer, v.similarity_layers
     );
-    println!("projector    {}", m.projector.file);
-    println!(
+    outln!("projector    {}", m.projector.file);
+    outln!(
         "decoder      {} layers split at {} (head {}, tail {}), hidden {}, heads {}/{} kv, head dim {}, vocab {}, context {}",
         d.num_layers, d.split_layer, d.head.file, d.tail.file, d.hidden_size, d.num_attention_heads, d.num_key_value_heads, d.head_dim, d.vocab_size, d.max_position_embeddings
     );
-    println!(
+    outln!(
         "embeddings   {} [{} x {}] {:?} at offset {}",
         m.embeddings.file, m.embeddings.rows, m.embeddings.cols, m.embeddings.dtype, m.embeddings.offset
     );
-    println!(
+    outln!(
         "tokenizer    {} (bos {:?}, eos {:?}, image token {:?} = {})",
         m.tokenizer.file, m.tokenizer.bos_token_id, m.tokenizer.eos_token_ids, m.tokenizer.image_token, m.tokenizer.image_token_id
     );
-    println!("template     {:?} (add_bos {})", m.prompt.template, m.prompt.add_bos);
+    outln!("template     {:?} (add_bos {})", m.prompt.template, m.prompt.add_bos);
     let presets: Vec<String> = [64usize, 128, 192]
         .iter()
         .filter_map(|&b| {
@@ -354,9 +383,9 @@ fn info(a: InfoArgs) -> Result<()> {
             Some(format!("{b}: {} -> {}", r.stage1.unwrap_or(v.num_tokens()), r.stage2.or(r.stage1).unwrap_or(v.num_tokens())))
         })
         .collect();
-    println!("nuwa budgets {} (visual tokens after stage 1 -> after stage 2, of {})", presets.join(" | "), v.num_tokens());
-    println!("onnxruntime  {} ({})", rt.library().display(), rt.build_info());
-    println!("providers    available: {} | running: {:?}", providers.join(", "), model.provider());
+    outln!("nuwa budgets {} (visual tokens after stage 1 -> after stage 2, of {})", presets.join(" | "), v.num_tokens());
+    outln!("onnxruntime  {} ({})", rt.library().display(), rt.build_info());
+    outln!("providers    available: {} | running: {:?}", providers.join(", "), model.provider());
     Ok(())
 }
 
@@ -368,7 +397,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         model.bench_decode(context, 2)?;
         let r = model.bench_decode(context, a.steps)?;
         if !a.json {
-            println!(
+            outln!(
                 "context {:>6}: decode median {:>8.3} ms/token (mean {:.3}, min {:.3}) over {} steps; prefill {:.1} ms; KV {:.1} KiB",
                 r.context,
                 r.median_ms_per_token,
@@ -382,7 +411,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         rows.push(r);
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "model": model.manifest().id, "decode": rows }))?);
+        outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "model": model.manifest().id, "decode": rows }))?);
     }
     Ok(())
 }
@@ -444,10 +473,10 @@ fn eval(a: EvalArgs) -> Result<()> {
         eprintln!("nuwa eval: wrote {} and {}", md.display(), json.display());
     }
     match (&a.sweep, table.rows.first()) {
-        (None, Some(row)) if a.json => println!("{}", serde_json::to_string_pretty(row)?),
+        (None, Some(row)) if a.json => outln!("{}", serde_json::to_string_pretty(row)?),
         (None, Some(r)) => {
             let acc = |v: Option<f64>, c: usize, n: usize| v.map_or("n/a".to_string(), |x| format!("{x:.3} ({c}/{n})"));
-            println!(
+            outln!(
                 "{} on {}: {} | grounding Acc@0.5 {} | VQA {} | mean TTFT {:.1} ms | visual tokens {:.1} -> {:.1} | unreadable {}",
                 table.model,
                 a.data.display(),
@@ -460,8 +489,8 @@ fn eval(a: EvalArgs) -> Result<()> {
                 r.unreadable
             );
         }
-        _ if a.json => println!("{}", serde_json::to_string_pretty(&table)?),
-        _ => print!("{}", table.markdown()),
+        _ if a.json => outln!("{}", serde_json::to_string_pretty(&table)?),
+        _ => out!("{}", table.markdown()),
     }
     Ok(())
 }
