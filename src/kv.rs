@@ -72,6 +72,23 @@ impl KvCache {
         2 * self.keys.len() * self.len * self.row * std::mem::size_of::<f32>()
     }
 
+    /// A copy of the held positions in new buffers reserving `capacity` positions (at least the held ones): a
+    /// shared prefix continued by one request without touching the original.
+    pub fn fork(&self, capacity: usize) -> KvCache {
+        let capacity = capacity.max(self.len);
+        let n = self.len * self.row;
+        let copy = |bufs: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+            bufs.iter()
+                .map(|b| {
+                    let mut v = vec![0.0; capacity * self.row];
+                    v[..n].copy_from_slice(&b[..n]);
+                    v
+                })
+                .collect()
+        };
+        KvCache { keys: copy(&self.keys), values: copy(&self.values), capacity, ..*self }
+    }
+
     /// Appends `new` positions to every layer: `keys[i]` and `values[i]` hold `[new, kv_heads, head_dim]`.
     pub fn append(&mut self, new: usize, keys: &[&[f32]], values: &[&[f32]]) -> Result<()> {
         let n = new * self.row;

@@ -360,9 +360,127 @@ impl Model {
     /// Starts a request on an image already prepared by [`Model::prepare`]. Timings count the preparation, so
     /// `ttft_ms` means the same as for [`Model::generate`].
     pub fn generate_prepared(self: &Arc<Self>, image: &PreparedImage, prompt: &str, params: &GenerationParams) -> Result<Generation> {
+        self.check_params(prompt, params)?;
+        let prefix = self.image_prefix(image, &params.prune)?;
+        self.generate_with_prefix(&prefix, prompt, params)
+    }
+
+    /// The prompt-independent part of requests on `image` under `prune`: Stage 1, the projector, and the decoder
+    /// layers that see every visual token (those before the in-decoder pruning point; all of them when `prune` never
+    /// prunes inside the decoder) run over the tokens before the prompt text. Any number of prompts then start from it
+    /// with [`Model::generate_with_prefix`], which gives the same result as [`Model::generate_prepared`] without
+    /// repeating that work (when the prompt template puts text before the image, only Stage 1 and the projector are
+    /// shared).
+    pub fn image_prefix(&self, image: &PreparedImage, prune: &PruneConfig) -> Result<ImagePrefix> {
+        let v = &self.manifest.vision;
+        let resolved = prune.resolve(v.grid_h, v.grid_w)?;
+        let tokens = &image.vision;
+        let total_visual = tokens.features.nrows();
+
+        let t = Instant::now();
+        let stage1 = prune.stage1(&resolved, tokens)?;
+        let stage1_ms = ms_since(t);
+        let t = Instant::now();
+        let visual = self.project(stage1.tokens.view())?;
+        let projector_ms = ms_since(t);
+
+        let slots: Vec<usize> = match resolved.positions {
+            PositionPolicy::Original => stage1.kept.clone(),
+            PositionPolicy::Contiguous => (0..stage1.kept.len()).collect(),
+        };
+        let slot_count = if resolved.positions == PositionPolicy::Original { total_visual } else { slots.len() };
+        let mut prefix = ImagePrefix {
+            prune: prune.clone(),
+            image: image.clone(),
+            stage1,
+            visual,
+            slots,
+            slot_count,
+            ids: Vec::new(),
+            positions: Vec::new(),
+            caches: Vec::new(),
+            hidden: None,
+            stage1_ms,
+            projector_ms,
+            decoder_ms: 0.0,
+        };
+        // Shared decoder work only when the text before the image does not depend on the prompt.
+        let before_image = self.manifest.prompt.template.split_once("{image}").map(|(b, _)| b).unwrap_or("");
+        if before_image.contains("{prompt}") {
+            return Ok(prefix);
+        }
+        let probe = prompt::layout(&self.tokenizer, &self.manifest, "?", &prefix.slots, prefix.slot_count)?;
+        let p = probe.image_span.end;
+        let t = Instant::now();
+        let embeds = self.embed_range(&probe, 0..p, &prefix.visual)?;
+        let positions = &probe.positions[..p];
+        let prune_at = self.prune_layer(prune);
+        let in_decoder = prune.prunes_in_decoder(&resolved);
+        let mut hidden = embeds;
+        for seg in self.segments() {
+            if in_decoder && seg.layers().start >= prune_at {
+                break;
+            }
+            let mut cache = seg.new_cache(p);
+            if let HalfOutput::Head { hidden: h, .. } = seg.run(hidden.view(), positions, &mut cache)? {
+                hidden = h;
+            }
+            prefix.caches.push(cache);
+        }
+        if in_decoder {
+            prefix.hidden = Some(hidden);
+        }
+        prefix.ids = probe.ids[..p].to_vec();
+        prefix.positions = positions.to_vec();
+        prefix.decoder_ms = ms_since(t);
+        Ok(prefix)
+    }
+
+    /// The decoder layer where `prune` acts inside the decoder: FastV at the first decoder boundary (its own early
+    /// cut when the export has one), Nüwa's Stage 2 at the split.
+    fn prune_layer(&self, prune: &PruneConfig) -> usize {
+        let d = &self.manifest.decoder;
+        if prune.method == crate::prune::Method::FastV {
+            d.head_end()
+        } else {
+            d.split_layer
+        }
+    }
+
+    /// Embeds the tokens `range` of `layout`: text rows from the table, image-span rows from `visual`.
+    fn embed_range(&self, layout: &PromptLayout, range: std::ops::Range<usize>, visual: &Array2<f32>) -> Result<Array2<f32>> {
+        if range == (0..layout.len()) {
+            return self.embed(layout, visual);
+        }
+        let hidden = self.manifest.decoder.hidden_size;
+        let span = layout.image_span.clone();
+        let mut out = Array2::<f32>::zeros((range.len(), hidden));
+        for (row, i) in range.clone().enumerate() {
+            if span.contains(&i) {
+                out.row_mut(row).assign(&visual.row(i - span.start));
+            } else {
+                let slice = out.row_mut(row).into_slice().ok_or_else(|| Error::Shape {
+                    what: "embedding row".into(),
+                    message: "not contiguous".into(),
+                })?;
+                self.embeddings.row_into(layout.ids[i], slice)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Starts a request from a shared [`ImagePrefix`] (built for the same pruning setting as `params.prune`).
+    pub fn generate_with_prefix(self: &Arc<Self>, prefix: &ImagePrefix, prompt: &str, params: &GenerationParams) -> Result<Generation> {
         let resolved = self.check_params(prompt, params)?;
-        let prepared_for = std::time::Duration::from_secs_f64((image.preprocess_ms + image.vision_ms).max(0.0) / 1e3);
-        let t0 = Instant::now().checked_sub(prepared_for).unwrap_or_else(Instant::now);
+        if params.prune != prefix.prune {
+            return Err(Error::InvalidRequest(format!(
+                "the image prefix was built for pruning {:?}, the request asks for {:?}",
+                prefix.prune, params.prune
+            )));
+        }
+        let image = &prefix.image;
+        let shared_ms = image.preprocess_ms + image.vision_ms + prefix.stage1_ms + prefix.projector_ms + prefix.decoder_ms;
+        let t0 = Instant::now().checked_sub(std::time::Duration::from_secs_f64(shared_ms.max(0.0) / 1e3)).unwrap_or_else(Instant::now);
         let sampler = params.sampler.build()?;
         let mut stats = Stats {
             provider: format!("{:?}", self.provider()).to_lowercase(),
@@ -370,33 +488,15 @@ impl Model {
             positions: format!("{:?}", resolved.positions).to_lowercase(),
             preprocess_ms: image.preprocess_ms,
             vision_ms: image.vision_ms,
+            stage1_ms: prefix.stage1_ms,
+            projector_ms: prefix.projector_ms,
             ..Stats::default()
         };
-        let pixels = &image.pixels;
-        let tokens = &image.vision;
-        let total_visual = tokens.features.nrows();
-        stats.visual_tokens_in = total_visual;
+        stats.visual_tokens_in = image.vision.features.nrows();
+        stats.visual_tokens_after_stage1 = prefix.stage1.kept.len();
+        stats.kept_stage1 = prefix.stage1.kept.clone();
 
-        let t = Instant::now();
-        let stage1 = params.prune.stage1(&resolved, tokens)?;
-        stats.stage1_ms = ms_since(t);
-        stats.visual_tokens_after_stage1 = stage1.kept.len();
-        stats.kept_stage1 = stage1.kept.clone();
-
-        let t = Instant::now();
-        let visual = self.project(stage1.tokens.view())?;
-        stats.projector_ms = ms_since(t);
-
-        let m = stage1.kept.len();
-        let contiguous: Vec<usize>;
-        let (slots, slot_count) = match resolved.positions {
-            PositionPolicy::Original => (&stage1.kept, total_visual),
-            PositionPolicy::Contiguous => {
-                contiguous = (0..m).collect();
-                (&contiguous, m)
-            }
-        };
-        let layout = prompt::layout(&self.tokenizer, &self.manifest, prompt, slots, slot_count)?;
+        let layout = prompt::layout(&self.tokenizer, &self.manifest, prompt, &prefix.slots, prefix.slot_count)?;
         let max_pos = self.manifest.decoder.max_position_embeddings as i64;
         if layout.next_position >= max_pos {
             return Err(Error::ContextOverflow(format!(
@@ -406,24 +506,39 @@ impl Model {
         }
         stats.prompt_tokens = layout.len();
 
+        // Start after the shared prefix when its tokens are this prompt's first ones (always, unless the template
+        // puts text before the image).
+        let p = prefix.ids.len();
+        let reuse = !prefix.caches.is_empty() && layout.ids.get(..p) == Some(&prefix.ids[..]) && layout.positions[..p] == prefix.positions[..];
+        let from = if reuse { p } else { 0 };
         let t = Instant::now();
-        let embeds = self.embed(&layout, &visual)?;
-        let d = &self.manifest.decoder;
-        // FastV prunes at the first decoder boundary (its own early cut when the export has one), Nüwa at the split.
-        let prune_at = if params.prune.method == crate::prune::Method::FastV { d.head_end() } else { d.split_layer };
-        let mut hidden = embeds;
+        let mut hidden = self.embed_range(&layout, from..layout.len(), &prefix.visual)?;
         let mut positions = layout.positions.clone();
         let mut span = layout.image_span.clone();
-        let mut kept_now = stage1.kept.clone();
+        let mut kept_now = prefix.stage1.kept.clone();
+        let prune_at = self.prune_layer(&params.prune);
+        let capacity = layout.len() + params.max_new_tokens;
         let mut caches = Vec::new();
         let mut signal = Vec::new();
         let mut stage2 = None;
         let mut logits = None;
-        for seg in self.segments() {
-            let mut cache = seg.new_cache(positions.len() + params.max_new_tokens);
-            match seg.run(hidden.view(), &positions, &mut cache)? {
+        for (si, seg) in self.segments().into_iter().enumerate() {
+            // `hidden` holds rows `from..` of the current sequence; a shared segment continues its prefix cache.
+            let shared = reuse && si < prefix.caches.len();
+            let mut cache = if shared { prefix.caches[si].fork(capacity) } else { seg.new_cache(capacity) };
+            let rows = if shared { p..positions.len() } else { 0..positions.len() };
+            match seg.run(hidden.view(), &positions[rows], &mut cache)? {
                 HalfOutput::Head { hidden: h, attention_row } => {
                     hidden = h;
+                    if shared && si + 1 == prefix.caches.len() {
+                        if let Some(ph) = &prefix.hidden {
+                            // the pruning point: the whole sequence again, prefix rows from the shared run
+                            hidden = ndarray::concatenate(Axis(0), &[ph.view(), hidden.view()]).map_err(|e| Error::Shape {
+                                what: "prefix hidden states".into(),
+                                message: e.to_string(),
+                            })?;
+                        }
+                    }
                     if seg.layers().end == prune_at {
                         let t2 = Instant::now();
                         if let Some(rel) = params.prune.stage2(&resolved, &attention_row, span.clone())? {
@@ -448,15 +563,15 @@ impl Model {
         stats.kept_stage2 = kept_now;
         stats.visual_tokens_after_stage2 = stats.kept_stage2.len();
         stats.visual_tokens_kept = stats.visual_tokens_after_stage2;
-        stats.prefill_ms = ms_since(t);
+        stats.prefill_ms = ms_since(t) + if reuse { prefix.decoder_ms } else { 0.0 };
         let attention_row = signal;
 
         let trace = params.record.then(|| {
             Box::new(Trace {
-                pixels: pixels.pixels.clone(),
-                vision: tokens.clone(),
-                stage1,
-                image_embeds: visual,
+                pixels: image.pixels.pixels.clone(),
+                vision: image.vision.clone(),
+                stage1: prefix.stage1.clone(),
+                image_embeds: prefix.visual.clone(),
                 layout: layout.clone(),
                 attention_row,
                 stage2,
@@ -474,12 +589,54 @@ impl Model {
             text: String::new(),
             finished: None,
             max_new_tokens: params.max_new_tokens,
-            resize: pixels.resize,
+            resize: image.pixels.resize,
             stats,
             started: t0,
             decode_started: None,
             trace,
         })
+    }
+}
+
+/// What requests on one image under one pruning setting share; see [`Model::image_prefix`].
+#[derive(Debug, Clone)]
+pub struct ImagePrefix {
+    prune: PruneConfig,
+    image: PreparedImage,
+    stage1: Stage1Result,
+    visual: Array2<f32>,
+    slots: Vec<usize>,
+    slot_count: usize,
+    /// Token ids and positions of the shared tokens (those before the prompt text); empty when none are shared.
+    ids: Vec<u32>,
+    positions: Vec<i64>,
+    /// KV of the shared tokens for the first `caches.len()` decoder segments.
+    caches: Vec<KvCache>,
+    /// Hidden states of the shared tokens at the in-decoder pruning point (when the setting prunes there).
+    hidden: Option<Array2<f32>>,
+    stage1_ms: f64,
+    projector_ms: f64,
+    decoder_ms: f64,
+}
+
+impl ImagePrefix {
+    /// Tokens whose decoder work is shared (0: only Stage 1 and the projector are).
+    pub fn shared_tokens(&self) -> usize {
+        if self.caches.is_empty() {
+            0
+        } else {
+            self.ids.len()
+        }
+    }
+
+    /// Decoder segments whose KV of the shared tokens is kept.
+    pub fn shared_segments(&self) -> usize {
+        self.caches.len()
+    }
+
+    /// The pruning setting it was built for.
+    pub fn prune(&self) -> &PruneConfig {
+        &self.prune
     }
 }
 

@@ -245,6 +245,55 @@ fn a_prepared_image_serves_many_requests_with_the_same_results() {
 }
 
 #[test]
+fn one_image_prefix_serves_many_prompts_like_fresh_requests() {
+    // The prefix's KV is forked per request: reusing it (in any order) must give exactly what a request with its
+    // own prefix gets, logits included, and leave it unchanged for the next prompt.
+    let limits = nuwa::image::ImageLimits::default();
+    let prompts = [
+        "Please provide the bounding box coordinate of the region this sentence describes: the person.",
+        "What is on the table?",
+        "Please provide the bounding box coordinate of the region this sentence describes: the person.",
+    ];
+    for id in ["tiny-llava-clip", "tiny-llava-dinov2"] {
+        let m = model(id);
+        let segments = m.segments().len();
+        let prepared = m.prepare(&image(), &limits).expect("prepare");
+        for prune in [
+            PruneConfig::default(),
+            cfg(Method::Nuwa, Amount::Budget(64)),
+            cfg(Method::FastV, Amount::Budget(64)),
+            cfg(Method::VisionZip, Amount::Budget(128)),
+        ] {
+            let prefix = m.image_prefix(&prepared, &prune).expect("prefix");
+            assert!(prefix.shared_tokens() > 0, "{id} {prune:?}: the LLaVA template shares BOS + USER + image");
+            let in_decoder = matches!(prune.method, Method::Nuwa | Method::FastV);
+            if in_decoder {
+                assert!(prefix.shared_segments() < segments, "{id} {prune:?}: layers after the pruning point differ per prompt");
+            } else {
+                assert_eq!(prefix.shared_segments(), segments, "{id} {prune:?}: nothing prunes inside the decoder");
+            }
+            for prompt in prompts {
+                let params = GenerationParams { max_new_tokens: 6, prune: prune.clone(), ..Default::default() };
+                let mut shared = m.generate_with_prefix(&prefix, prompt, &params).expect("shared");
+                let mut fresh = m.generate_prepared(&prepared, prompt, &params).expect("fresh");
+                let (ls, lf) = (shared.peek_logits().unwrap().to_vec(), fresh.peek_logits().unwrap().to_vec());
+                assert_eq!(ls, lf, "{id} {prune:?} {prompt}: first logits");
+                shared.run_to_end(|_| true).expect("decode");
+                fresh.run_to_end(|_| true).expect("decode");
+                let (a, b) = (shared.output(), fresh.output());
+                assert_eq!(a.tokens, b.tokens, "{id} {prune:?} {prompt}");
+                assert_eq!(a.stats.kept_stage2, b.stats.kept_stage2);
+                assert_eq!(a.stats.prompt_tokens, b.stats.prompt_tokens);
+            }
+        }
+        let other = m.image_prefix(&prepared, &cfg(Method::Pool, Amount::Budget(64))).expect("prefix");
+        let params = GenerationParams { prune: PruneConfig::default(), ..Default::default() };
+        let err = m.generate_with_prefix(&other, prompts[0], &params).err().expect("mismatched setting").to_string();
+        assert!(err.contains("image prefix was built for"), "{err}");
+    }
+}
+
+#[test]
 fn fastv_prunes_at_its_early_cut_and_nuwa_at_the_split() {
     // tiny-llava-dinov2 is exported with a FastV cut: head [0,1), middle [1,3), tail [3,4).
     let m = model("tiny-llava-dinov2");

@@ -27,7 +27,7 @@ pub use metrics::{iou, normalize_answer, score, Expected, Score, IOU_THRESHOLD};
 pub use table::{retention, Summary, Table};
 
 use crate::error::{Error, Result};
-use crate::pipeline::{GenerationParams, ImageInput, Model, PreparedImage};
+use crate::pipeline::{GenerationParams, ImageInput, ImagePrefix, Model};
 use crate::prune::{Amount, Method, PruneConfig};
 use crate::sampler::SamplerConfig;
 
@@ -101,9 +101,11 @@ pub fn evaluate(
 
 /// Runs every item of `data` under each of `settings`, one [`RunResult`] per setting, in order.
 ///
-/// Items are the outer loop: each image is decoded and encoded by the vision tower once
-/// ([`Model::prepare`]) and every setting runs on it, so a sweep costs one vision pass per item, not one per item
-/// and setting. `on_item` gets the setting's index with each result.
+/// Images are the outer loop: consecutive items on the same image share one decode and vision pass
+/// ([`Model::prepare`]), and under each setting one [`ImagePrefix`] (Stage 1, projector and the decoder over the
+/// tokens before the prompt), so a sweep costs one vision pass per image and one prefix per image and setting.
+/// Results are the same as running every item alone; TTFT still counts the shared work, as a lone request pays it.
+/// `on_item` gets the setting's index with each result.
 pub fn evaluate_sweep(
     model: &Arc<Model>,
     data: &Dataset,
@@ -123,35 +125,48 @@ pub fn evaluate_sweep(
         .map(|prune| RunResult { prune: prune.clone(), items: Vec::with_capacity(data.items.len()), unreadable: data.unreadable.clone() })
         .collect();
     let base = GenerationParams { max_new_tokens, sampler: SamplerConfig::Greedy, record: false, ..GenerationParams::default() };
-    for item in &data.items {
-        let prepared = model.prepare(&ImageInput::Path(item.image.clone()), &base.limits);
+    // Consecutive items on the same image share its vision pass and, per setting, its image prefix.
+    let mut start = 0;
+    while start < data.items.len() {
+        let path = &data.items[start].image;
+        let end = start + data.items[start..].iter().take_while(|it| &it.image == path).count();
+        let group = &data.items[start..end];
+        start = end;
+        let prepared = model.prepare(&ImageInput::Path(path.clone()), &base.limits).map_err(|e| e.to_string());
         for (i, run) in runs.iter_mut().enumerate() {
             let params = GenerationParams { prune: run.prune.clone(), ..base.clone() };
-            let outcome = prepared.as_ref().map_err(|e| e.to_string()).and_then(|image| {
-                run_item(model, image, &item.prompt, &params).map_err(|e| e.to_string())
-            });
-            match outcome {
-                Ok(out) => {
-                    let s = &out.stats;
-                    let result = ItemResult {
-                        line: item.line,
-                        kind: item.expected.kind(),
-                        score: score(&item.expected, &out.text, &out.boxes),
-                        ttft_ms: s.ttft_ms,
-                        visual_tokens_kept: s.visual_tokens_kept,
-                        visual_tokens_after_stage1: s.visual_tokens_after_stage1,
-                        text: out.text,
-                    };
-                    on_item(i, ItemEvent::Scored(&result));
-                    run.items.push(result);
-                }
-                Err(e) => {
-                    let u = Unreadable { line: item.line, reason: format!("{}: {e}", item.image.display()) };
-                    on_item(i, ItemEvent::Failed(&u));
-                    run.unreadable.push(u);
+            let prefix =
+                prepared.as_ref().map_err(Clone::clone).and_then(|image| model.image_prefix(image, &params.prune).map_err(|e| e.to_string()));
+            for item in group {
+                let outcome = prefix.as_ref().map_err(Clone::clone).and_then(|prefix| {
+                    run_item(model, prefix, &item.prompt, &params).map_err(|e| e.to_string())
+                });
+                match outcome {
+                    Ok(out) => {
+                        let s = &out.stats;
+                        let result = ItemResult {
+                            line: item.line,
+                            kind: item.expected.kind(),
+                            score: score(&item.expected, &out.text, &out.boxes),
+                            ttft_ms: s.ttft_ms,
+                            visual_tokens_kept: s.visual_tokens_kept,
+                            visual_tokens_after_stage1: s.visual_tokens_after_stage1,
+                            text: out.text,
+                        };
+                        on_item(i, ItemEvent::Scored(&result));
+                        run.items.push(result);
+                    }
+                    Err(e) => {
+                        let u = Unreadable { line: item.line, reason: format!("{}: {e}", item.image.display()) };
+                        on_item(i, ItemEvent::Failed(&u));
+                        run.unreadable.push(u);
+                    }
                 }
             }
         }
+    }
+    for run in &mut runs {
+        run.items.sort_by_key(|r| r.line);
     }
     for run in &mut runs {
         run.unreadable.sort_by_key(|u| u.line);
@@ -159,8 +174,8 @@ pub fn evaluate_sweep(
     Ok(runs)
 }
 
-fn run_item(model: &Arc<Model>, image: &PreparedImage, prompt: &str, params: &GenerationParams) -> Result<crate::pipeline::Output> {
-    let mut generation = model.generate_prepared(image, prompt, params)?;
+fn run_item(model: &Arc<Model>, prefix: &ImagePrefix, prompt: &str, params: &GenerationParams) -> Result<crate::pipeline::Output> {
+    let mut generation = model.generate_with_prefix(prefix, prompt, params)?;
     generation.run_to_end(|_| true)?;
     Ok(generation.output())
 }

@@ -265,7 +265,14 @@ impl PruneConfig {
         })
     }
 
-    /// Runs Stage 2 (Nüwa, or FastV's selection) on the head's attention row; indices relative to the image span.
+    /// Whether this setting drops visual tokens inside the decoder (Nüwa's Stage 2, FastV), so that layers after
+    /// that point see fewer tokens than those before it.
+    pub fn prunes_in_decoder(&self, r: &Resolved) -> bool {
+        r.stage2.is_some() && matches!(self.method, Method::Nuwa | Method::FastV)
+    }
+
+    /// Stage 2 (Nüwa) or FastV: the kept indices relative to `image_span`, from the head-mean attention row of the
+    /// last prompt token; None when this setting keeps every token at that point.
     pub fn stage2(&self, r: &Resolved, attention_row: &[f32], image_span: std::ops::Range<usize>) -> Result<Option<Vec<usize>>> {
         let Some(keep) = r.stage2 else { return Ok(None) };
         match self.method {
