@@ -125,8 +125,8 @@ def shape_mask(s: Shape, w: int, h: int) -> np.ndarray:
     return np.asarray(m) > 0
 
 
-def place_shapes(rng: np.random.Generator, w: int, h: int) -> list[Shape]:
-    n = int(rng.integers(2, 7))
+def place_shapes(rng: np.random.Generator, w: int, h: int, shapes_range: tuple[int, int] = (2, 6)) -> list[Shape]:
+    n = int(rng.integers(shapes_range[0], shapes_range[1] + 1))
     shapes: list[Shape] = []
     masks: list[np.ndarray] = []
     # Bias towards repeats of a kind / colour so that superlative, positional and relational expressions arise.
@@ -281,7 +281,8 @@ def make_items(rng: np.random.Generator, i: int, shapes: list[Shape], w: int, h:
         s = shapes[tgt]
         bbox = [round(v, 1) for v in s.bbox]
         items.append({"image": rel_image, "kind": "grounding", "prompt": REC_PROMPT.format(expr),
-                      "bbox": bbox, "answer": fmt_box(norm_box(s.bbox, w, h)), "expr": expr, "qtype": qt})
+                      "bbox": bbox, "answer": fmt_box(norm_box(s.bbox, w, h)), "expr": expr, "qtype": qt,
+                      "target": int(tgt)})
     asked: set[str] = set()
 
     def ask(q: str, answer: str, qtype: str) -> None:
@@ -324,29 +325,36 @@ def patch_labels(shapes: list[Shape], w: int, h: int, size: int = 336, patch: in
     """[(size/patch)^2] uint8: what covers each patch of the padded square model input (expand2square, centred, as
     norm_box), in raster order: 0 = background, else 1 + colour_index * 4 + shape_index of the visible shape covering
     the largest share of the patch, if that share is >= 1/3. Training-only auxiliary targets (train.py --aux)."""
+    inst = patch_instances(shapes, w, h, size, patch)
+    cols = list(COLORS)
+    lut = np.array([0] + [1 + cols.index(s.color) * len(SHAPES) + SHAPES.index(s.kind) for s in shapes], np.uint8)
+    return lut[inst]
+
+
+def patch_instances(shapes: list[Shape], w: int, h: int, size: int = 336, patch: int = 14) -> np.ndarray:
+    """[(size/patch)^2] uint8: 1 + the index of the visible shape covering the largest share of each patch (>= 1/3),
+    else 0; same frame and raster order as patch_labels."""
     lab = Image.new("L", (w, h), 0)
     d = ImageDraw.Draw(lab)
-    cols, kinds = list(COLORS), SHAPES
-    for s in shapes:  # drawing order = occlusion order, as draw()
-        v = 1 + cols.index(s.color) * len(kinds) + kinds.index(s.kind)
+    for i, s in enumerate(shapes):  # drawing order = occlusion order, as draw()
         if s.kind == "circle":
-            d.ellipse(s.bbox, fill=v)
+            d.ellipse(s.bbox, fill=i + 1)
         else:
-            d.polygon(s.poly, fill=v)
+            d.polygon(s.poly, fill=i + 1)
     side = max(w, h)
     sq = Image.new("L", (side, side), 0)
     sq.paste(lab, ((side - w) // 2, (side - h) // 2))
     a = np.asarray(sq.resize((size, size), Image.NEAREST))
     g = size // patch
     blocks = a.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
-    counts = np.stack([(blocks == v).sum(1) for v in range(PATCH_LABELS)], 1)
+    counts = np.stack([(blocks == v).sum(1) for v in range(len(shapes) + 1)], 1)
     counts[:, 0] = 0
     best = counts.argmax(1)
     return np.where(counts.max(1) * 3 >= patch * patch, best, 0).astype(np.uint8)
 
 
 def generate_one(split: str, seed: int, i: int, bgs: list[Path], perm: np.ndarray, n_ground: int = 2,
-                 vqa_rounds: int = 1):
+                 vqa_rounds: int = 1, shapes_range: tuple[int, int] = (2, 6)):
     """Image i of (seed, split): (PIL image, items, scene record, shapes). The image and its shapes depend only on
     (seed, split, i); the items also on n_ground and vqa_rounds."""
     rng = np.random.default_rng([seed, SPLIT_CODE[split], i])
@@ -355,7 +363,7 @@ def generate_one(split: str, seed: int, i: int, bgs: list[Path], perm: np.ndarra
     if split == "train" and rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     w, h = img.size
-    shapes = place_shapes(rng, w, h)
+    shapes = place_shapes(rng, w, h, shapes_range)
     draw(img, shapes, rng)
     rel = f"images/{i:06d}.jpg"
     items = make_items(rng, i, shapes, w, h, rel, n_ground, vqa_rounds)

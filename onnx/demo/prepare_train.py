@@ -22,6 +22,8 @@ Layout of --out:
   shard-KKKK/features.f16.npy    [S, 576, 384] float16 (np.load(..., mmap_mode="r"))
   shard-KKKK/labels.u8.npy       [S, 576] uint8 per-patch scene labels (make_data.patch_labels: background or
                                  colour x shape), the auxiliary targets of train.py
+  shard-KKKK/instances.u8.npy    [S, 576] uint8 per-patch shape instance (make_data.patch_instances: 0 or 1 + the
+                                 index of the shape; grounding items name theirs in "target")
   shard-KKKK/DONE                written last; shards with DONE are skipped on a re-run (resumable; a killed shard
                                  is redone from its start)
 
@@ -59,6 +61,14 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def shapes_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    r = (int(lo), int(hi or lo))
+    if not 1 <= r[0] <= r[1] <= 6:
+        raise SystemExit(f"--shapes {text}: want MIN-MAX with 1 <= MIN <= MAX <= 6")
+    return r
+
+
 def relabel(out: Path, meta: dict, args, bgs, perm) -> None:
     S, t0, n_items = args.shard_size, time.perf_counter(), 0
     for k in range(10 ** 6):
@@ -68,9 +78,11 @@ def relabel(out: Path, meta: dict, args, bgs, perm) -> None:
         lo = k * S
         hi = lo + len(np.load(d / "features.f16.npy", mmap_mode="r"))
         items, labels = [], np.zeros((hi - lo, dc.N_IMAGE_TOKENS), np.uint8)
+        inst = np.zeros_like(labels)
         for i in range(lo, hi):
             img, its, scene, shapes = make_data.generate_one("train", args.seed, i, bgs, perm,
-                                                             args.grounding_per_image, args.vqa_rounds)
+                                                             args.grounding_per_image, args.vqa_rounds,
+                                                             shapes_range(args.shapes))
             if i == lo and (out / scene["image"]).exists():
                 buf = io.BytesIO()
                 img.save(buf, format="JPEG", quality=args.quality)
@@ -78,11 +90,13 @@ def relabel(out: Path, meta: dict, args, bgs, perm) -> None:
                     raise SystemExit(f"{out / scene['image']}: the generator no longer reproduces this image; "
                                      "relabelling would mismatch the cached features")
             labels[i - lo] = make_data.patch_labels(shapes, scene["width"], scene["height"])
+            inst[i - lo] = make_data.patch_instances(shapes, scene["width"], scene["height"])
             for it in its:
                 items.append({**it, "index": i, "local": i - lo, "width": scene["width"], "height": scene["height"]})
         (d / "items.jsonl.tmp").write_text("".join(json.dumps(it) + "\n" for it in items))
         os.replace(d / "items.jsonl.tmp", d / "items.jsonl")
         np.save(d / "labels.u8.npy", labels)
+        np.save(d / "instances.u8.npy", inst)
         n_items += len(items)
         print(f"[relabel] shard {k}: images {lo}..{hi}, {len(items)} items, {time.perf_counter() - t0:.0f} s",
               flush=True)
@@ -101,6 +115,7 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=250)
     p.add_argument("--grounding-per-image", type=int, default=12)
     p.add_argument("--vqa-rounds", type=int, default=2)
+    p.add_argument("--shapes", default="2-6", help="shapes per image, MIN-MAX (1-2: the easy curriculum set)")
     p.add_argument("--relabel", action="store_true", help="rewrite items + labels of finished shards (no tower run)")
     p.add_argument("--vision", type=Path, default=dc.VISION_336 / "vision.int8.onnx")
     p.add_argument("--threads", type=int, default=2)
@@ -115,15 +130,16 @@ def main() -> None:
     meta_path = out / "meta.json"
     meta = {"split": "train", "seed": args.seed, "shard_size": args.shard_size,
             "grounding_per_image": args.grounding_per_image, "vqa_rounds": args.vqa_rounds, "quality": args.quality,
+            "shapes": args.shapes,
             "vision": {"file": str(args.vision), "bytes": args.vision.stat().st_size, "sha256": sha256(args.vision),
                        "output": "features", "dtype": "float16"},
             "preprocessing": "LlavaImageProcessorPil (demo_common.build_processor): pad 336 bicubic, DINOv2 mean/std"}
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        for k in ("seed", "shard_size", "grounding_per_image", "vqa_rounds", "quality"):
+        for k in ("seed", "shard_size", "grounding_per_image", "vqa_rounds", "quality", "shapes"):
             if args.relabel and k in ("grounding_per_image", "vqa_rounds"):
                 continue
-            if old.get(k, 1 if k == "vqa_rounds" else None) != meta[k]:
+            if old.get(k, {"vqa_rounds": 1, "shapes": "2-6"}.get(k)) != meta[k]:
                 raise SystemExit(f"{out} was prepared with {k}={old[k]} (now {meta[k]}): use another --out")
         if old["vision"]["sha256"] != meta["vision"]["sha256"]:
             raise SystemExit(f"{out} was extracted with another vision graph ({old['vision']['file']})")
@@ -157,11 +173,14 @@ def main() -> None:
                                           shape=(hi - lo, dc.N_IMAGE_TOKENS, 384))
         items = []
         labels = np.zeros((hi - lo, dc.N_IMAGE_TOKENS), np.uint8)
+        inst = np.zeros_like(labels)
         t_shard = time.perf_counter()
         for i in range(lo, hi):
             img, its, scene, shapes = make_data.generate_one("train", args.seed, i, bgs, perm,
-                                                             args.grounding_per_image, args.vqa_rounds)
+                                                             args.grounding_per_image, args.vqa_rounds,
+                                                             shapes_range(args.shapes))
             labels[i - lo] = make_data.patch_labels(shapes, scene["width"], scene["height"])
+            inst[i - lo] = make_data.patch_instances(shapes, scene["width"], scene["height"])
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=args.quality)
             data = buf.getvalue()
@@ -181,6 +200,7 @@ def main() -> None:
         os.replace(d / "features.f16.npy.tmp", d / "features.f16.npy")
         (d / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
         np.save(d / "labels.u8.npy", labels)
+        np.save(d / "instances.u8.npy", inst)
         (d / "DONE").write_text(f"images {lo}..{hi}\n")
         dt = time.perf_counter() - t_shard
         el = time.perf_counter() - t_all
