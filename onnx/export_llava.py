@@ -265,13 +265,20 @@ def verify(args, manifest: dict) -> dict:
     print(f"[verify] image {name}, {len(input_ids)} prompt tokens, {steps} logit steps (prefill + decode)")
     for k, e in errs.items():
         print(f"[verify] max abs error {k:14s} {e:.3g}")
-    if ort["argmax"] != tokens:
+    # Compared up to the first EOS: what follows it is never generated, and after it a near-tie between two junk
+    # tokens can flip under quantisation.
+    eos = processor.tokenizer.eos_token_id
+
+    def until_eos(ids):
+        return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+    if until_eos(ort["argmax"]) != until_eos(tokens):
         raise SystemExit(f"greedy tokens differ: ORT {ort['argmax']} vs HF {tokens}")
     if manifest["decoder"]["head"]["file"] == "decoder_head.onnx" and errs["logits"] > LOGIT_TOL:
         raise SystemExit(f"fp32 logits differ by {errs['logits']:.3g} > {LOGIT_TOL}")
     if manifest.get("quantization", {}).get("vision"):
         vision_quant_report(fp32, args.out, manifest, pixel_values, name)
-    print(f"[verify] OK: greedy tokens {tokens} identical")
+    print(f"[verify] OK: greedy tokens {until_eos(tokens)} identical (up to EOS)")
     return errs
 
 
