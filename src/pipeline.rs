@@ -311,6 +311,11 @@ impl Model {
 
     /// Embeds `layout`'s text tokens from the table and scatters `visual` (`[span len, hidden]`) into the image span.
     pub fn embed(&self, layout: &PromptLayout, visual: &Array2<f32>) -> Result<Array2<f32>> {
+        self.embed_range(layout, 0..layout.len(), visual)
+    }
+
+    /// [`Model::embed`] for the tokens `range` of `layout` only.
+    fn embed_range(&self, layout: &PromptLayout, range: std::ops::Range<usize>, visual: &Array2<f32>) -> Result<Array2<f32>> {
         let hidden = self.manifest.decoder.hidden_size;
         let span = layout.image_span.clone();
         if visual.nrows() != span.len() || visual.ncols() != hidden {
@@ -319,10 +324,16 @@ impl Model {
                 message: format!("[{}, {}] for an image span of {} tokens of width {hidden}", visual.nrows(), visual.ncols(), span.len()),
             });
         }
-        let mut out = Array2::<f32>::zeros((layout.len(), hidden));
-        self.embeddings.gather_into(&layout.ids[..span.start], out.slice_mut(s![..span.start, ..]))?;
-        out.slice_mut(s![span.clone(), ..]).assign(visual);
-        self.embeddings.gather_into(&layout.ids[span.end..], out.slice_mut(s![span.end.., ..]))?;
+        let (lo, hi) = (range.start, range.end.min(layout.len()));
+        let mut out = Array2::<f32>::zeros((hi.saturating_sub(lo), hidden));
+        // text before the image, the image span, text after it: each clipped to the range, rows relative to `lo`
+        let before = lo..span.start.clamp(lo, hi);
+        let image = span.start.clamp(lo, hi)..span.end.clamp(lo, hi);
+        let after = span.end.clamp(lo, hi)..hi;
+        self.embeddings.gather_into(&layout.ids[before.clone()], out.slice_mut(s![before.start - lo..before.end - lo, ..]))?;
+        out.slice_mut(s![image.start - lo..image.end - lo, ..])
+            .assign(&visual.slice(s![image.start - span.start..image.end - span.start, ..]));
+        self.embeddings.gather_into(&layout.ids[after.clone()], out.slice_mut(s![after.start - lo..after.end - lo, ..]))?;
         Ok(out)
     }
 
@@ -445,28 +456,6 @@ impl Model {
         } else {
             d.split_layer
         }
-    }
-
-    /// Embeds the tokens `range` of `layout`: text rows from the table, image-span rows from `visual`.
-    fn embed_range(&self, layout: &PromptLayout, range: std::ops::Range<usize>, visual: &Array2<f32>) -> Result<Array2<f32>> {
-        if range == (0..layout.len()) {
-            return self.embed(layout, visual);
-        }
-        let hidden = self.manifest.decoder.hidden_size;
-        let span = layout.image_span.clone();
-        let mut out = Array2::<f32>::zeros((range.len(), hidden));
-        for (row, i) in range.clone().enumerate() {
-            if span.contains(&i) {
-                out.row_mut(row).assign(&visual.row(i - span.start));
-            } else {
-                let slice = out.row_mut(row).into_slice().ok_or_else(|| Error::Shape {
-                    what: "embedding row".into(),
-                    message: "not contiguous".into(),
-                })?;
-                self.embeddings.row_into(layout.ids[i], slice)?;
-            }
-        }
-        Ok(out)
     }
 
     /// Starts a request from a shared [`ImagePrefix`] (built for the same pruning setting as `params.prune`).
