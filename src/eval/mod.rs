@@ -167,8 +167,6 @@ pub fn evaluate_sweep(
     }
     for run in &mut runs {
         run.items.sort_by_key(|r| r.line);
-    }
-    for run in &mut runs {
         run.unreadable.sort_by_key(|u| u.line);
     }
     Ok(runs)
