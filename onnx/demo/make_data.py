@@ -321,19 +321,18 @@ def make_items(rng: np.random.Generator, i: int, shapes: list[Shape], w: int, h:
 PATCH_LABELS = 1 + len(COLORS) * len(SHAPES)  # 0 = background, 1 + colour_index * 4 + shape_index
 
 
-def patch_labels(shapes: list[Shape], w: int, h: int, size: int = 336, patch: int = 14) -> np.ndarray:
-    """[(size/patch)^2] uint8: what covers each patch of the padded square model input (expand2square, centred, as
-    norm_box), in raster order: 0 = background, else 1 + colour_index * 4 + shape_index of the visible shape covering
-    the largest share of the patch, if that share is >= 1/3. Training-only auxiliary targets (train.py --aux)."""
-    inst = patch_instances(shapes, w, h, size, patch)
+def patch_labels(shapes: list[Shape], instances: np.ndarray) -> np.ndarray:
+    """Per-patch scene labels from patch_instances' map: 0 = background, else 1 + colour_index * 4 + shape_index of
+    the shape covering the patch. Training-only auxiliary targets (train.py --aux)."""
     cols = list(COLORS)
     lut = np.array([0] + [1 + cols.index(s.color) * len(SHAPES) + SHAPES.index(s.kind) for s in shapes], np.uint8)
-    return lut[inst]
+    return lut[instances]
 
 
 def patch_instances(shapes: list[Shape], w: int, h: int, size: int = 336, patch: int = 14) -> np.ndarray:
-    """[(size/patch)^2] uint8: 1 + the index of the visible shape covering the largest share of each patch (>= 1/3),
-    else 0; same frame and raster order as patch_labels."""
+    """[(size/patch)^2] uint8 over the padded square model input (expand2square, centred, as norm_box), in raster
+    order: 1 + the index of the visible shape covering the largest share of the patch if that share is >= 1/3,
+    else 0 (background)."""
     lab = Image.new("L", (w, h), 0)
     d = ImageDraw.Draw(lab)
     for i, s in enumerate(shapes):  # drawing order = occlusion order, as draw()

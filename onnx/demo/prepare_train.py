@@ -69,6 +69,15 @@ def shapes_range(text: str) -> tuple[int, int]:
     return r
 
 
+def generate(args, i: int, lo: int, bgs, perm):
+    """Image i of the set: (PIL image, its items with shard fields, patch labels, patch instances)."""
+    img, its, scene, shapes = make_data.generate_one("train", args.seed, i, bgs, perm, args.grounding_per_image,
+                                                     args.vqa_rounds, shapes_range(args.shapes))
+    inst = make_data.patch_instances(shapes, scene["width"], scene["height"])
+    items = [{**it, "index": i, "local": i - lo, "width": scene["width"], "height": scene["height"]} for it in its]
+    return img, scene, items, make_data.patch_labels(shapes, inst), inst
+
+
 def relabel(out: Path, meta: dict, args, bgs, perm) -> None:
     S, t0, n_items = args.shard_size, time.perf_counter(), 0
     for k in range(10 ** 6):
@@ -80,19 +89,14 @@ def relabel(out: Path, meta: dict, args, bgs, perm) -> None:
         items, labels = [], np.zeros((hi - lo, dc.N_IMAGE_TOKENS), np.uint8)
         inst = np.zeros_like(labels)
         for i in range(lo, hi):
-            img, its, scene, shapes = make_data.generate_one("train", args.seed, i, bgs, perm,
-                                                             args.grounding_per_image, args.vqa_rounds,
-                                                             shapes_range(args.shapes))
+            img, scene, its, labels[i - lo], inst[i - lo] = generate(args, i, lo, bgs, perm)
             if i == lo and (out / scene["image"]).exists():
                 buf = io.BytesIO()
                 img.save(buf, format="JPEG", quality=args.quality)
                 if buf.getvalue() != (out / scene["image"]).read_bytes():
                     raise SystemExit(f"{out / scene['image']}: the generator no longer reproduces this image; "
                                      "relabelling would mismatch the cached features")
-            labels[i - lo] = make_data.patch_labels(shapes, scene["width"], scene["height"])
-            inst[i - lo] = make_data.patch_instances(shapes, scene["width"], scene["height"])
-            for it in its:
-                items.append({**it, "index": i, "local": i - lo, "width": scene["width"], "height": scene["height"]})
+            items += its
         (d / "items.jsonl.tmp").write_text("".join(json.dumps(it) + "\n" for it in items))
         os.replace(d / "items.jsonl.tmp", d / "items.jsonl")
         np.save(d / "labels.u8.npy", labels)
@@ -176,11 +180,8 @@ def main() -> None:
         inst = np.zeros_like(labels)
         t_shard = time.perf_counter()
         for i in range(lo, hi):
-            img, its, scene, shapes = make_data.generate_one("train", args.seed, i, bgs, perm,
-                                                             args.grounding_per_image, args.vqa_rounds,
-                                                             shapes_range(args.shapes))
-            labels[i - lo] = make_data.patch_labels(shapes, scene["width"], scene["height"])
-            inst[i - lo] = make_data.patch_instances(shapes, scene["width"], scene["height"])
+            img, scene, its, labels[i - lo], inst[i - lo] = generate(args, i, lo, bgs, perm)
+            items += its
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=args.quality)
             data = buf.getvalue()
@@ -192,8 +193,6 @@ def main() -> None:
             f = sess.run(["features"], {"pixel_values": pv})[0]
             t_vision += time.perf_counter() - t
             feats[i - lo] = f[0].astype(np.float16)
-            for it in its:
-                items.append({**it, "index": i, "local": i - lo, "width": scene["width"], "height": scene["height"]})
             n_done += 1
         feats.flush()
         del feats

@@ -200,6 +200,15 @@ class AuxHead(torch.nn.Module):
         return lc + ls + lp + lw, acc
 
 
+def load_weights(s: dict, proj, lm, aux=None) -> None:
+    """Projector, decoder (lm_head re-tied) and, when given and saved, the aux head of checkpoint `s`."""
+    proj.load_state_dict(s["projector"])
+    lm.load_state_dict(s["language_model"])
+    lm.tie_weights()
+    if aux is not None and s.get("aux") is not None:
+        aux.load_state_dict(s["aux"])
+
+
 def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch, attn_layer: int | None = None):
     """Returns (logits at answer positions [T, V], labels [T], grounding mask [T], n_items, projected image tokens,
     attention probabilities of the suffix queries at `attn_layer` [M, heads, S, P + S] or None)."""
@@ -360,11 +369,7 @@ def main(argv=None) -> None:
     st = {"step": 0, "epoch": 0, "pos": 0, "samples": 0, "elapsed": 0.0, "total_steps": None}
     if args.resume and ckpt.exists():
         s = torch.load(ckpt, weights_only=False)
-        proj.load_state_dict(s["projector"])
-        if aux is not None and s.get("aux") is not None:
-            aux.load_state_dict(s["aux"])
-        lm.load_state_dict(s["language_model"])
-        lm.tie_weights()
+        load_weights(s, proj, lm, aux)
         opt.load_state_dict(s["optimizer"])
         st = s["state"]
         set_rng_state(s["rng"])
@@ -374,9 +379,7 @@ def main(argv=None) -> None:
         print(f"[resume] no {ckpt}: starting fresh")
     elif args.init:
         s = torch.load(args.init, weights_only=False)
-        proj.load_state_dict(s["projector"])
-        lm.load_state_dict(s["language_model"])
-        lm.tie_weights()
+        load_weights(s, proj, lm)  # the aux head starts fresh
         print(f"[init] weights from {args.init} (step {s['state']['step']}, {s['state']['samples']} samples); "
               "new optimiser and schedule")
     if st["total_steps"] is None:
