@@ -6,8 +6,8 @@
 Backgrounds: COCO train2017 photos for --split train, val2017 photos ONLY for --split heldout (every
 coco_*/<split>/ folder under /work/shared/data/coco, deduplicated by file name, sorted), visited in a seeded
 permutation (image i uses perm[i % count], so every photo is used before any repeats). A background keeps its own
-size and aspect ratio (train may mirror it horizontally). On each background 2-6 shapes (circle, square, triangle, star)
-in 8 colours, sizes 9-35 % of the shorter side, are drawn with PIL; overlaps are allowed but every shape keeps at
+size and aspect ratio (train may mirror it horizontally). On each background 2-4 shapes (circle, square, triangle, star)
+in 8 colours, sizes (circumscribed diameter) 18-40 % of the shorter side, are drawn with PIL; overlaps are allowed but every shape keeps at
 least 65 % of its area visible, so every referent stays visible.
 
 Writes OUT/images/NNNNNN.jpg, OUT/<split>.jsonl (one item a line; image paths relative to the jsonl) and
@@ -89,9 +89,17 @@ def backgrounds(split: str) -> list[Path]:
     return paths
 
 
-def make_shape(rng: np.random.Generator, kind: str, color: str, w: int, h: int) -> Shape:
+SHAPES_PER_IMAGE = (2, 4)
+# Circumscribed diameter as a fraction of the image's shorter side. After LLaVA's pad-to-square and the 336 px
+# resize a 4:3 photo's shape spans 3-7 patches of the 24x24 grid: large enough that Acc@0.5 is decided by finding
+# the right shape, not by sub-patch precision on a 1.5-patch target (the 9-35 % of the first data sets).
+SIZE_RANGE = (0.18, 0.40)
+
+
+def make_shape(rng: np.random.Generator, kind: str, color: str, w: int, h: int,
+               size_range: tuple[float, float] = SIZE_RANGE) -> Shape:
     short = min(w, h)
-    r = float(rng.uniform(0.045, 0.175)) * short
+    r = float(rng.uniform(size_range[0] / 2, size_range[1] / 2)) * short
     cx, cy = float(rng.uniform(r, w - r)), float(rng.uniform(r, h - r))
     rot = float(rng.uniform(0, 2 * math.pi)) if kind in ("triangle", "star") else 0.0
     s = Shape(kind, color, cx, cy, r, rot)
@@ -125,7 +133,8 @@ def shape_mask(s: Shape, w: int, h: int) -> np.ndarray:
     return np.asarray(m) > 0
 
 
-def place_shapes(rng: np.random.Generator, w: int, h: int, shapes_range: tuple[int, int] = (2, 6)) -> list[Shape]:
+def place_shapes(rng: np.random.Generator, w: int, h: int, shapes_range: tuple[int, int] = SHAPES_PER_IMAGE,
+                 size_range: tuple[float, float] = SIZE_RANGE) -> list[Shape]:
     n = int(rng.integers(shapes_range[0], shapes_range[1] + 1))
     shapes: list[Shape] = []
     masks: list[np.ndarray] = []
@@ -140,7 +149,7 @@ def place_shapes(rng: np.random.Generator, w: int, h: int, shapes_range: tuple[i
                 color = str(rng.choice(list(COLORS)))
             else:  # repeat a colour already present
                 color = shapes[int(rng.integers(len(shapes)))].color
-            s = make_shape(rng, kind, color, w, h)
+            s = make_shape(rng, kind, color, w, h, size_range)
             m = shape_mask(s, w, h)
             full = [int(x.sum()) for x in masks]
             cover = m.copy()
@@ -353,7 +362,8 @@ def patch_instances(shapes: list[Shape], w: int, h: int, size: int = 336, patch:
 
 
 def generate_one(split: str, seed: int, i: int, bgs: list[Path], perm: np.ndarray, n_ground: int = 2,
-                 vqa_rounds: int = 1, shapes_range: tuple[int, int] = (2, 6)):
+                 vqa_rounds: int = 1, shapes_range: tuple[int, int] = SHAPES_PER_IMAGE,
+                 size_range: tuple[float, float] = SIZE_RANGE):
     """Image i of (seed, split): (PIL image, items, scene record, shapes). The image and its shapes depend only on
     (seed, split, i); the items also on n_ground and vqa_rounds."""
     rng = np.random.default_rng([seed, SPLIT_CODE[split], i])
@@ -362,7 +372,7 @@ def generate_one(split: str, seed: int, i: int, bgs: list[Path], perm: np.ndarra
     if split == "train" and rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     w, h = img.size
-    shapes = place_shapes(rng, w, h, shapes_range)
+    shapes = place_shapes(rng, w, h, shapes_range, size_range)
     draw(img, shapes, rng)
     rel = f"images/{i:06d}.jpg"
     items = make_items(rng, i, shapes, w, h, rel, n_ground, vqa_rounds)

@@ -69,10 +69,22 @@ def shapes_range(text: str) -> tuple[int, int]:
     return r
 
 
+def size_range(text: str) -> tuple[float, float]:
+    lo, _, hi = text.partition("-")
+    try:
+        r = (float(lo) / 100, float(hi or lo) / 100)
+    except ValueError:
+        r = (0.0, 0.0)
+    if not 0.02 <= r[0] <= r[1] <= 0.9:
+        raise SystemExit(f"--sizes {text}: want MIN-MAX percent of the shorter side, 2 <= MIN <= MAX <= 90")
+    return r
+
+
 def generate(args, i: int, lo: int, bgs, perm):
     """Image i of the set: (PIL image, its items with shard fields, patch labels, patch instances)."""
     img, its, scene, shapes = make_data.generate_one("train", args.seed, i, bgs, perm, args.grounding_per_image,
-                                                     args.vqa_rounds, shapes_range(args.shapes))
+                                                     args.vqa_rounds, shapes_range(args.shapes),
+                                                     size_range(args.sizes))
     inst = make_data.patch_instances(shapes, scene["width"], scene["height"])
     items = [{**it, "index": i, "local": i - lo, "width": scene["width"], "height": scene["height"]} for it in its]
     return img, scene, items, make_data.patch_labels(shapes, inst), inst
@@ -119,7 +131,11 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=250)
     p.add_argument("--grounding-per-image", type=int, default=12)
     p.add_argument("--vqa-rounds", type=int, default=2)
-    p.add_argument("--shapes", default="2-6", help="shapes per image, MIN-MAX (1-2: the easy curriculum set)")
+    lo, hi = make_data.SHAPES_PER_IMAGE
+    p.add_argument("--shapes", default=f"{lo}-{hi}", help="shapes per image, MIN-MAX (1-2: an easy curriculum set)")
+    lo, hi = make_data.SIZE_RANGE
+    p.add_argument("--sizes", default=f"{lo * 100:g}-{hi * 100:g}",
+                   help="shape diameter, MIN-MAX percent of the image's shorter side")
     p.add_argument("--relabel", action="store_true", help="rewrite items + labels of finished shards (no tower run)")
     p.add_argument("--vision", type=Path, default=dc.VISION_336 / "vision.int8.onnx")
     p.add_argument("--threads", type=int, default=2)
@@ -134,17 +150,17 @@ def main() -> None:
     meta_path = out / "meta.json"
     meta = {"split": "train", "seed": args.seed, "shard_size": args.shard_size,
             "grounding_per_image": args.grounding_per_image, "vqa_rounds": args.vqa_rounds, "quality": args.quality,
-            "shapes": args.shapes,
+            "shapes": args.shapes, "sizes": args.sizes,
             "vision": {"file": str(args.vision), "bytes": args.vision.stat().st_size, "sha256": sha256(args.vision),
                        "output": "features", "dtype": "float16"},
             "preprocessing": "LlavaImageProcessorPil (demo_common.build_processor): pad 336 bicubic, DINOv2 mean/std"}
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        for k in ("seed", "shard_size", "grounding_per_image", "vqa_rounds", "quality", "shapes"):
+        for k in ("seed", "shard_size", "grounding_per_image", "vqa_rounds", "quality", "shapes", "sizes"):
             if args.relabel and k in ("grounding_per_image", "vqa_rounds"):
                 continue
-            if old.get(k, {"vqa_rounds": 1, "shapes": "2-6"}.get(k)) != meta[k]:
-                raise SystemExit(f"{out} was prepared with {k}={old[k]} (now {meta[k]}): use another --out")
+            if old.get(k, {"vqa_rounds": 1, "shapes": "2-6", "sizes": "9-35"}.get(k)) != meta[k]:
+                raise SystemExit(f"{out} was prepared with {k}={old.get(k)} (now {meta[k]}): use another --out")
         if old["vision"]["sha256"] != meta["vision"]["sha256"]:
             raise SystemExit(f"{out} was extracted with another vision graph ({old['vision']['file']})")
     meta["n"] = max(args.n, json.loads(meta_path.read_text())["n"] if meta_path.exists() else 0)
