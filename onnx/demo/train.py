@@ -56,7 +56,7 @@ class Data:
     def __init__(self, roots: list[Path], rule: dc.PromptRule, limit_images: int | None = None,
                  repeats: list[int] | None = None):
         self.feats, self.labels, self.instances, self.images = [], [], [], []  # images: (shard, local, [item ids])
-        self.items = []  # (suffix ids, answer ids, kind, target shape index or -1)
+        self.items = []  # (suffix ids, answer ids, kind, target shape index or -1, normalised box or None)
         self.prefix = None
         for r, root in enumerate(roots):
             first = len(self.images)
@@ -90,8 +90,9 @@ class Data:
                 if ids[:len(prefix)] != prefix:
                     raise SystemExit(f"item {it} does not share the image prefix")
                 by_img.setdefault(it["local"], []).append(len(self.items))
+                g = it["kind"] == "grounding"
                 self.items.append((ids[len(prefix):], rule.answer_ids(it["answer"]), it["kind"],
-                                   it.get("target", -1) if it["kind"] == "grounding" else -1))
+                                   it.get("target", -1) if g else -1, json.loads(it["answer"]) if g else None))
             for local in sorted(by_img):
                 self.images.append((base + k, local, by_img[local]))
             if limit_images and len(self.images) - first >= limit_images:
@@ -113,10 +114,11 @@ class Data:
         insts = [self.instances[self.images[i][0]] for i in img_ids]
         inst = (torch.from_numpy(np.stack([a[self.images[i][1]] for a, i in zip(insts, img_ids)]).astype(np.int64))
                 if all(a is not None for a in insts) else None)
-        owner, seqs, tgts, kinds, targets = [], [], [], [], []
+        owner, seqs, tgts, kinds, targets, boxes = [], [], [], [], [], []
         for b, i in enumerate(img_ids):
             for j in self.images[i][2]:
-                suf, ans, kind, target = self.items[j]
+                suf, ans, kind, target, box = self.items[j]
+                boxes.append(box if box is not None else [0.0] * 4)
                 targets.append(target)
                 owner.append(b)
                 seqs.append(suf + ans[:-1])
@@ -124,7 +126,7 @@ class Data:
                 kinds.append(kind)
         S = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
-        rows, cols, labels, lk = [], [], [], []
+        rows, cols, labels, lk, row_box = [], [], [], [], []
         for m, (s, (start, ans)) in enumerate(zip(seqs, tgts)):
             ids[m, :len(s)] = torch.tensor(s)
             for t, a in enumerate(ans):
@@ -132,13 +134,14 @@ class Data:
                 cols.append(start + t)
                 labels.append(a)
                 lk.append(1 if kinds[m] == "grounding" else 0)
+                row_box.append(boxes[m])
         # target patches per item (grounding items whose shard has instance maps): [M, 576] bool
         target_mask = None
         if inst is not None:
             t = torch.tensor(targets)
             target_mask = (inst[torch.tensor(owner)] == (t + 1)[:, None]) & (t >= 0)[:, None]
         return (feats, torch.tensor(owner), ids, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels),
-                torch.tensor(lk, dtype=torch.bool), len(seqs)), (patch_labels, target_mask)
+                torch.tensor(lk, dtype=torch.bool), len(seqs)), (patch_labels, target_mask, torch.tensor(row_box))
 
 
 # ----------------------------------------------------------------------------------------------------------- model
@@ -209,9 +212,10 @@ def load_weights(s: dict, proj, lm, aux=None) -> None:
         aux.load_state_dict(s["aux"])
 
 
-def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch, attn_layer: int | None = None):
+def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch, attn_layers: tuple[int, ...] = ()):
     """Returns (logits at answer positions [T, V], labels [T], grounding mask [T], n_items, projected image tokens,
-    attention probabilities of the suffix queries at `attn_layer` [M, heads, S, P + S] or None)."""
+    {layer: attention probabilities of the suffix queries [M, heads, S, P + S]} for `attn_layers`, final normed
+    hidden states at the answer positions [T, H])."""
     feats, owner, ids, rows, cols, labels, lk, n = batch
     B, P = feats.shape[0], prefix_ids.shape[0]
     emb = lm.model.embed_tokens
@@ -222,20 +226,22 @@ def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch,
     cache = out.past_key_values
     cache.batch_select_indices(owner)
     S = ids.shape[1]
-    grabbed, hook = {}, None
-    if attn_layer is not None:  # eager attention for the suffix pass only, to read the probabilities
+    grabbed, hooks = {}, []
+    if attn_layers:  # eager attention for the suffix pass only, to read the probabilities
         lm.config._attn_implementation = "eager"
-        hook = lm.model.layers[attn_layer].self_attn.register_forward_hook(
-            lambda _m, _i, out: grabbed.__setitem__("p", out[1]))
+        for layer in attn_layers:
+            hooks.append(lm.model.layers[layer].self_attn.register_forward_hook(
+                lambda _m, _i, out, layer=layer: grabbed.__setitem__(layer, out[1])))
     try:
         h = lm.model(inputs_embeds=emb(ids), past_key_values=cache,
                      position_ids=(P + torch.arange(S)).unsqueeze(0).expand(ids.shape[0], -1)).last_hidden_state
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
-            lm.config._attn_implementation = "sdpa"
-    logits = lm.lm_head(h[rows, cols])
-    return logits, labels, lk, n, img, grabbed.get("p")
+        lm.config._attn_implementation = "sdpa"
+    hs = h[rows, cols]
+    logits = lm.lm_head(hs)
+    return logits, labels, lk, n, img, grabbed, hs
 
 
 def full_forward(proj, lm, prefix_ids, image_mask, batch):
@@ -308,7 +314,11 @@ def main(argv=None) -> None:
     p.add_argument("--attn-sup", type=float, default=0.0,
                    help="weight of the attention supervision: grounding answer tokens' head-mean attention at "
                         "--attn-layer should lie on the target shape's patches (0: off)")
-    p.add_argument("--attn-layer", type=int, default=5, help="decoder layer of --attn-sup (default: the last)")
+    p.add_argument("--attn-layer", type=int, nargs="+", default=[5],
+                   help="decoder layer(s) of --attn-sup (default: the last; several: the loss is their mean)")
+    p.add_argument("--box-aux", type=float, default=0.0,
+                   help="weight of the box readout: a linear head on the final hidden state of every grounding answer "
+                        "position regresses the target box (L1, normalised coordinates; training only, 0: off)")
     p.add_argument("--stop-step", type=int, help="checkpoint and stop at this step (the schedule keeps its horizon)")
     p.add_argument("--limit-images", type=int, help="use only the first N images (smoke tests)")
     p.add_argument("--check", action="store_true", help="verify shared-prefix == full-sequence logits, then exit")
@@ -337,7 +347,7 @@ def main(argv=None) -> None:
     if args.check:
         b, _ = data.batch(list(range(min(2, len(data.images)))), pad_id)
         with torch.no_grad():
-            a, *_ = forward(proj, lm, prefix_ids, image_mask, b, attn_layer=lm.config.num_hidden_layers - 1)
+            a, *_ = forward(proj, lm, prefix_ids, image_mask, b, attn_layers=(lm.config.num_hidden_layers - 1,))
             r, *_ = full_forward(proj, lm, prefix_ids, image_mask, b)
         err = (a - r).abs().max().item()
         print(f"[check] shared-prefix vs full-sequence logits over {a.shape[0]} answer positions: max abs {err:.3g}")
@@ -357,6 +367,9 @@ def main(argv=None) -> None:
     named = list(proj.named_parameters()) + list(lm.named_parameters())
     if aux is not None:
         named += [("aux." + n, p) for n, p in aux.named_parameters()]
+    box_head = torch.nn.Linear(cfg.text_config.hidden_size, 4) if args.box_aux > 0 else None
+    if box_head is not None:
+        named += [("aux.box." + n, p) for n, p in box_head.named_parameters()]
     fast = lambda n: n.startswith("linear_") or n.startswith("aux.")  # noqa: E731 (projector + aux head)
     groups = []
     for is_fast in (False, True):
@@ -370,6 +383,8 @@ def main(argv=None) -> None:
     if args.resume and ckpt.exists():
         s = torch.load(ckpt, weights_only=False)
         load_weights(s, proj, lm, aux)
+        if box_head is not None and s.get("box") is not None:
+            box_head.load_state_dict(s["box"])
         opt.load_state_dict(s["optimizer"])
         st = s["state"]
         set_rng_state(s["rng"])
@@ -406,6 +421,7 @@ def main(argv=None) -> None:
     def checkpoint(reason: str):
         st["elapsed"] = elapsed()
         save(ckpt, {"projector": proj.state_dict(), "aux": aux.state_dict() if aux is not None else None,
+                    "box": box_head.state_dict() if box_head is not None else None,
                     "language_model": lm.state_dict(), "optimizer": opt.state_dict(),
                     "state": dict(st), "rng": rng_state(), "args": vars(args), "config": cfg.to_dict()})
         print(f"[ckpt] {reason}: step {st['step']} -> {ckpt}", flush=True)
@@ -418,7 +434,7 @@ def main(argv=None) -> None:
     last_ckpt = time.perf_counter()
     order = data.order(args.seed, st["epoch"])
     log = {"loss": 0.0, "g_loss": 0.0, "g_n": 0, "v_loss": 0.0, "v_n": 0, "g_acc": 0, "v_acc": 0, "items": 0,
-           "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "t": time.perf_counter(), "steps": 0}
+           "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "box": 0.0, "t": time.perf_counter(), "steps": 0}
     calib_t = None
     proj.train()
     lm.train()
@@ -438,14 +454,14 @@ def main(argv=None) -> None:
             st["pos"] = 0
             order = data.order(args.seed, st["epoch"])
         ids = order[st["pos"]:st["pos"] + args.batch_images].tolist()
-        b, (patch_labels, target_mask) = data.batch(ids, pad_id)
+        b, (patch_labels, target_mask, row_box) = data.batch(ids, pad_id)
         total_for_lr = st["total_steps"] or 10 ** 9
         lr = lr_at(st["step"], total_for_lr, args)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
         use_attn = args.attn_sup > 0 and target_mask is not None and bool(target_mask.any())
-        logits, labels, lk, n, img, probs = forward(proj, lm, prefix_ids, image_mask, b,
-                                                    attn_layer=args.attn_layer if use_attn else None)
+        logits, labels, lk, n, img, probs, hs = forward(proj, lm, prefix_ids, image_mask, b,
+                                                        attn_layers=tuple(args.attn_layer) if use_attn else ())
         tok_loss = F.cross_entropy(logits.float(), labels, reduction="none")
         loss = tok_loss.mean()
         aux_loss, aux_acc = (aux.loss(img, patch_labels, lm) if aux is not None else (torch.zeros(()), 0.0))
@@ -456,11 +472,16 @@ def main(argv=None) -> None:
             rows_t, cols_t = b[3], b[4]
             sel = target_mask[rows_t].any(1)
             img_keys = torch.nonzero(image_mask).squeeze(1)
-            pm = probs.mean(1)[rows_t[sel], cols_t[sel]][:, img_keys]  # [T', 576]
-            mass = (pm * target_mask[rows_t[sel]]).sum(1)
-            attn_loss = -(mass + 1e-6).log().mean()
-            attn_mass = mass.mean().item()
+            for layer_probs in probs.values():
+                pm = layer_probs.mean(1)[rows_t[sel], cols_t[sel]][:, img_keys]  # [T', 576]
+                mass = (pm * target_mask[rows_t[sel]]).sum(1)
+                attn_loss = attn_loss - (mass + 1e-6).log().mean() / len(probs)
+                attn_mass += mass.mean().item() / len(probs)
             total_loss = total_loss + args.attn_sup * attn_loss
+        box_loss = torch.zeros(())
+        if box_head is not None and bool(lk.any()):
+            box_loss = F.l1_loss(torch.sigmoid(box_head(hs[lk])), row_box[lk])
+            total_loss = total_loss + args.box_aux * box_loss
         opt.zero_grad(set_to_none=True)
         total_loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], args.clip)
@@ -473,6 +494,7 @@ def main(argv=None) -> None:
             log["loss"] += loss.item()
             log["aux"] += aux_loss.item()
             log["attn"] += attn_mass
+            log["box"] += box_loss.item()
             log["aux_acc"] += aux_acc
             log["g_loss"] += tok_loss[lk].sum().item()
             log["g_n"] += int(lk.sum())
@@ -496,7 +518,8 @@ def main(argv=None) -> None:
                   f"{log['loss'] / log['steps']:.4f} (ground {log['g_loss'] / max(1, log['g_n']):.4f} tok-acc "
                   f"{log['g_acc'] / max(1, log['g_n']):.3f}, vqa {log['v_loss'] / max(1, log['v_n']):.4f} tok-acc "
                   f"{log['v_acc'] / max(1, log['v_n']):.3f}, aux {log['aux'] / log['steps']:.3f} colour-acc "
-                  f"{log['aux_acc'] / log['steps']:.2f}, target attn {log['attn'] / log['steps']:.3f}) | {log['items'] / dt:.2f} samples/s, "
+                  f"{log['aux_acc'] / log['steps']:.2f}, target attn {log['attn'] / log['steps']:.3f}, box L1 "
+                  f"{log['box'] / log['steps']:.3f}) | {log['items'] / dt:.2f} samples/s, "
                   f"{dt / log['items']:.3f} s/sample, {dt / log['steps']:.2f} s/step | {st['samples']} samples, "
                   f"{elapsed() / 60:.1f} min", flush=True)
             log = {k: (0 if k != "t" else time.perf_counter()) for k in log}
