@@ -6,9 +6,9 @@
 Backgrounds: COCO train2017 photos for --split train, val2017 photos ONLY for --split heldout (every
 coco_*/<split>/ folder under /work/shared/data/coco, deduplicated by file name, sorted), visited in a seeded
 permutation (image i uses perm[i % count], so every photo is used before any repeats). A background keeps its own
-size and aspect ratio (train may mirror it horizontally). On each background 2-4 shapes (circle, square, triangle, star)
-in 8 colours, sizes (circumscribed diameter) 18-40 % of the shorter side, are drawn with PIL; overlaps are allowed but every shape keeps at
-least 65 % of its area visible, so every referent stays visible.
+size and aspect ratio (train may mirror it horizontally). On each background 2-4 shapes (circle, square, triangle,
+star) in 8 colours, circumscribed diameter 18-40 % of the shorter side, are drawn with PIL; overlaps are allowed but
+every shape keeps at least 65 % of its area visible, so every referent stays visible.
 
 Writes OUT/images/NNNNNN.jpg, OUT/<split>.jsonl (one item a line; image paths relative to the jsonl) and
 OUT/<split>.scenes.jsonl (the shapes of every image, for debugging). Items:

@@ -355,6 +355,9 @@ def main(argv=None) -> None:
             raise SystemExit("shared-prefix forward differs from the full sequence")
         return
 
+    bad = [l for l in args.attn_layer if not 0 <= l < cfg.text_config.num_hidden_layers]
+    if bad:
+        raise SystemExit(f"--attn-layer {bad}: the decoder has layers 0..{cfg.text_config.num_hidden_layers - 1}")
     aux = None
     if args.aux > 0:
         import make_data
