@@ -61,23 +61,25 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def shapes_range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition("-")
-    r = (int(lo), int(hi or lo))
-    if not 1 <= r[0] <= r[1] <= 6:
-        raise SystemExit(f"--shapes {text}: want MIN-MAX with 1 <= MIN <= MAX <= 6")
+def parse_range(flag: str, text: str, conv, lo, hi, what: str):
+    """`MIN-MAX` (or one value) of `conv` numbers with lo <= MIN <= MAX <= hi, or exit naming `flag`."""
+    a, _, b = text.partition("-")
+    try:
+        r = (conv(a), conv(b or a))
+    except ValueError:
+        r = None
+    if r is None or not lo <= r[0] <= r[1] <= hi:
+        raise SystemExit(f"{flag} {text}: want MIN-MAX {what}, {lo} <= MIN <= MAX <= {hi}")
     return r
+
+
+def shapes_range(text: str) -> tuple[int, int]:
+    return parse_range("--shapes", text, int, 1, 6, "shapes per image")
 
 
 def size_range(text: str) -> tuple[float, float]:
-    lo, _, hi = text.partition("-")
-    try:
-        r = (float(lo) / 100, float(hi or lo) / 100)
-    except ValueError:
-        r = (0.0, 0.0)
-    if not 0.02 <= r[0] <= r[1] <= 0.9:
-        raise SystemExit(f"--sizes {text}: want MIN-MAX percent of the shorter side, 2 <= MIN <= MAX <= 90")
-    return r
+    lo, hi = parse_range("--sizes", text, float, 2, 90, "percent of the shorter side")
+    return lo / 100, hi / 100
 
 
 def generate(args, i: int, lo: int, bgs, perm):
