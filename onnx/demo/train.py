@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import demo_common as dc  # noqa: E402
+import make_data  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -56,7 +58,8 @@ class Data:
     def __init__(self, roots: list[Path], rule: dc.PromptRule, limit_images: int | None = None,
                  repeats: list[int] | None = None):
         self.feats, self.labels, self.instances, self.images = [], [], [], []  # images: (shard, local, [item ids])
-        self.items = []  # (suffix ids, answer ids, kind, target shape index or -1, normalised box or None)
+        # (suffix ids, answer ids, kind, target shape index or -1, normalised box or None, VQA selector or None)
+        self.items = []
         self.prefix = None
         for r, root in enumerate(roots):
             first = len(self.images)
@@ -92,7 +95,8 @@ class Data:
                 by_img.setdefault(it["local"], []).append(len(self.items))
                 g = it["kind"] == "grounding"
                 self.items.append((ids[len(prefix):], rule.answer_ids(it["answer"]), it["kind"],
-                                   it.get("target", -1) if g else -1, json.loads(it["answer"]) if g else None))
+                                   it.get("target", -1) if g else -1, json.loads(it["answer"]) if g else None,
+                                   None if g else vqa_selector(it)))
             for local in sorted(by_img):
                 self.images.append((base + k, local, by_img[local]))
             if limit_images and len(self.images) - first >= limit_images:
@@ -114,10 +118,11 @@ class Data:
         insts = [self.instances[self.images[i][0]] for i in img_ids]
         inst = (torch.from_numpy(np.stack([a[self.images[i][1]] for a, i in zip(insts, img_ids)]).astype(np.int64))
                 if all(a is not None for a in insts) else None)
-        owner, seqs, tgts, kinds, targets, boxes = [], [], [], [], [], []
+        owner, seqs, tgts, kinds, targets, boxes, vsels = [], [], [], [], [], [], []
         for b, i in enumerate(img_ids):
             for j in self.images[i][2]:
-                suf, ans, kind, target, box = self.items[j]
+                suf, ans, kind, target, box, vsel = self.items[j]
+                vsels.append(vsel)
                 boxes.append(box if box is not None else [0.0] * 4)
                 targets.append(target)
                 owner.append(b)
@@ -140,8 +145,36 @@ class Data:
         if inst is not None:
             t = torch.tensor(targets)
             target_mask = (inst[torch.tensor(owner)] == (t + 1)[:, None]) & (t >= 0)[:, None]
+            if patch_labels is not None:  # VQA items: the patches of the shapes the question is about
+                lab = patch_labels[torch.tensor(owner)]
+                colour, shape = (lab - 1) // len(make_data.SHAPES), (lab - 1) % len(make_data.SHAPES)
+                for m, vsel in enumerate(vsels):
+                    if vsel is not None:
+                        c, k = vsel
+                        target_mask[m] = (lab[m] > 0) & (shape[m] == k) & ((colour[m] == c) if c >= 0 else True)
         return (feats, torch.tensor(owner), ids, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels),
                 torch.tensor(lk, dtype=torch.bool), len(seqs)), (patch_labels, target_mask, torch.tensor(row_box))
+
+
+def vqa_selector(it: dict) -> tuple[int, int] | None:
+    """(colour index or -1, shape index) of the shapes a VQA item asks about, for the attention supervision: the
+    named shape in the answer's colour for "What color is the square on the right?", the named colour and shape for
+    an existence question answered yes, every shape of the kind for a count; None for "no" (nothing to look at)."""
+    q, qt, ans = it["prompt"].lower(), it["qtype"], it["answer"]
+    kinds = [(q.find(w), k) for k, name in enumerate(make_data.SHAPES)
+             for w in (make_data.PLURAL[name], name) if q.find(w) >= 0]
+    if not kinds:
+        return None
+    shape = min(kinds)[1]  # the first shape word names the shape asked about ("the triangle left of the red star")
+    colours = list(make_data.COLORS)
+    if qt == "color":
+        return (colours.index(ans), shape) if ans in colours else None
+    if qt == "exist":
+        named = [c for c in colours if re.search(rf"\b{c}\b", q)]
+        return (colours.index(named[0]), shape) if ans == "yes" and named else None
+    if qt == "count":
+        return (-1, shape)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------- model
@@ -203,6 +236,19 @@ class AuxHead(torch.nn.Module):
         return lc + ls + lp + lw, acc
 
 
+def sincos_2d(grid: int, dim: int, scale: float) -> torch.Tensor:
+    """[grid*grid, dim] fixed 2-D sine-cosine position code in raster order (half the channels for the column, half
+    for the row; MAE's construction), times `scale`: the starting value of the learned vision position table."""
+    q = dim // 4
+    freq = 1.0 / (100.0 ** (torch.arange(q, dtype=torch.float64) / q))
+    r = torch.arange(grid * grid)
+    parts = []
+    for coord in (r % grid, r // grid):
+        a = coord[:, None].double() * freq[None] * 2 * math.pi / grid * 4
+        parts += [torch.sin(a), torch.cos(a)]
+    return (torch.cat(parts, 1) * scale).float()
+
+
 def load_weights(s: dict, proj, lm, aux=None) -> None:
     """Projector, decoder (lm_head re-tied) and, when given and saved, the aux head of checkpoint `s`."""
     proj.load_state_dict(s["projector"])
@@ -212,14 +258,15 @@ def load_weights(s: dict, proj, lm, aux=None) -> None:
         aux.load_state_dict(s["aux"])
 
 
-def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch, attn_layers: tuple[int, ...] = ()):
+def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch, attn_layers: tuple[int, ...] = (),
+            vision_pos: torch.Tensor | None = None):
     """Returns (logits at answer positions [T, V], labels [T], grounding mask [T], n_items, projected image tokens,
     {layer: attention probabilities of the suffix queries [M, heads, S, P + S]} for `attn_layers`, final normed
     hidden states at the answer positions [T, H])."""
     feats, owner, ids, rows, cols, labels, lk, n = batch
     B, P = feats.shape[0], prefix_ids.shape[0]
     emb = lm.model.embed_tokens
-    img = proj(feats)  # [B, 576, H]
+    img = proj(feats if vision_pos is None else feats + vision_pos)  # [B, 576, H]
     pre = emb(prefix_ids).unsqueeze(0).expand(B, -1, -1).clone()
     pre[:, image_mask] = img
     out = lm.model(inputs_embeds=pre, position_ids=torch.arange(P).unsqueeze(0).expand(B, -1), use_cache=True)
@@ -244,10 +291,10 @@ def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch,
     return logits, labels, lk, n, img, grabbed, hs
 
 
-def full_forward(proj, lm, prefix_ids, image_mask, batch):
+def full_forward(proj, lm, prefix_ids, image_mask, batch, vision_pos=None):
     """Reference: one full sequence per item (no prefix sharing), for --check."""
     feats, owner, ids, rows, cols, labels, lk, n = batch
-    img = proj(feats)
+    img = proj(feats if vision_pos is None else feats + vision_pos)
     P = prefix_ids.shape[0]
     out = []
     for m in range(ids.shape[0]):
@@ -319,6 +366,13 @@ def main(argv=None) -> None:
     p.add_argument("--box-aux", type=float, default=0.0,
                    help="weight of the box readout: a linear head on the final hidden state of every grounding answer "
                         "position regresses the target box (L1, normalised coordinates; training only, 0: off)")
+    p.add_argument("--vision-pos", type=float, default=0.0,
+                   help="learned vision position table [576, 384] added to the tower's features before the projector "
+                        "(exported into the vision graph), started as a 2-D sine-cosine code of this amplitude "
+                        "(0: none, unless the --init / --resume checkpoint has one)")
+    p.add_argument("--vqa-weight", type=float, default=1.0,
+                   help="weight of a VQA answer token against a grounding one in the token loss (a VQA answer is 1-2 "
+                        "tokens, a box 25, so at 1 VQA gets ~1/10 of the gradient per item)")
     p.add_argument("--stop-step", type=int, help="checkpoint and stop at this step (the schedule keeps its horizon)")
     p.add_argument("--limit-images", type=int, help="use only the first N images (smoke tests)")
     p.add_argument("--check", action="store_true", help="verify shared-prefix == full-sequence logits, then exit")
@@ -360,14 +414,24 @@ def main(argv=None) -> None:
         raise SystemExit(f"--attn-layer {bad}: the decoder has layers 0..{cfg.text_config.num_hidden_layers - 1}")
     aux = None
     if args.aux > 0:
-        import make_data
-
         word = lambda w: rule.tk.encode(" " + w, add_special_tokens=False).ids[0]  # noqa: E731 (all single tokens)
         aux = AuxHead(cfg.text_config.hidden_size, [word(c) for c in make_data.COLORS],
                       [word(k) for k in make_data.SHAPES], obj_weight=args.aux_obj_weight, words=args.aux_words)
     if aux is not None and any(l is None for l in data.labels):
         raise SystemExit(f"--aux needs labels.u8.npy in every shard: run prepare_train.py --relabel")
+    src = None
+    if args.resume and ckpt.exists():
+        src = torch.load(ckpt, weights_only=False)
+    elif args.init and not args.resume:
+        src = torch.load(args.init, weights_only=False)
+    vision_pos = None
+    if src is not None and src.get("vision_pos") is not None:
+        vision_pos = torch.nn.Parameter(src["vision_pos"].clone())
+    elif args.vision_pos > 0:
+        vision_pos = torch.nn.Parameter(sincos_2d(24, cfg.vision_config.hidden_size, args.vision_pos))
     named = list(proj.named_parameters()) + list(lm.named_parameters())
+    if vision_pos is not None:
+        named.append(("linear_vision_pos", vision_pos))  # the projector's lr group, no weight decay (below)
     if aux is not None:
         named += [("aux." + n, p) for n, p in aux.named_parameters()]
     box_head = torch.nn.Linear(cfg.text_config.hidden_size, 4) if args.box_aux > 0 else None
@@ -377,14 +441,15 @@ def main(argv=None) -> None:
     groups = []
     for is_fast in (False, True):
         sel = [(n, p) for n, p in named if fast(n) == is_fast]
-        groups += [{"params": [p for n, p in sel if p.ndim == 2 and "embed_tokens" not in n],
+        decays = lambda n, p: p.ndim == 2 and "embed_tokens" not in n and n != "linear_vision_pos"  # noqa: E731
+        groups += [{"params": [p for n, p in sel if decays(n, p)],
                     "weight_decay": args.weight_decay, "lr_mult": args.projector_lr_mult if is_fast else 1.0},
-                   {"params": [p for n, p in sel if not (p.ndim == 2 and "embed_tokens" not in n)],
+                   {"params": [p for n, p in sel if not decays(n, p)],
                     "weight_decay": 0.0, "lr_mult": args.projector_lr_mult if is_fast else 1.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     st = {"step": 0, "epoch": 0, "pos": 0, "samples": 0, "elapsed": 0.0, "total_steps": None}
     if args.resume and ckpt.exists():
-        s = torch.load(ckpt, weights_only=False)
+        s = src
         load_weights(s, proj, lm, aux)
         if box_head is not None and s.get("box") is not None:
             box_head.load_state_dict(s["box"])
@@ -396,7 +461,7 @@ def main(argv=None) -> None:
     elif args.resume:
         print(f"[resume] no {ckpt}: starting fresh")
     elif args.init:
-        s = torch.load(args.init, weights_only=False)
+        s = src
         load_weights(s, proj, lm)  # the aux head starts fresh
         print(f"[init] weights from {args.init} (step {s['state']['step']}, {s['state']['samples']} samples); "
               "new optimiser and schedule")
@@ -425,6 +490,7 @@ def main(argv=None) -> None:
         st["elapsed"] = elapsed()
         save(ckpt, {"projector": proj.state_dict(), "aux": aux.state_dict() if aux is not None else None,
                     "box": box_head.state_dict() if box_head is not None else None,
+                    "vision_pos": vision_pos.detach().clone() if vision_pos is not None else None,
                     "language_model": lm.state_dict(), "optimizer": opt.state_dict(),
                     "state": dict(st), "rng": rng_state(), "args": vars(args), "config": cfg.to_dict()})
         print(f"[ckpt] {reason}: step {st['step']} -> {ckpt}", flush=True)
@@ -464,9 +530,11 @@ def main(argv=None) -> None:
             g["lr"] = lr * g.get("lr_mult", 1.0)
         use_attn = args.attn_sup > 0 and target_mask is not None and bool(target_mask.any())
         logits, labels, lk, n, img, probs, hs = forward(proj, lm, prefix_ids, image_mask, b,
-                                                        attn_layers=tuple(args.attn_layer) if use_attn else ())
+                                                        attn_layers=tuple(args.attn_layer) if use_attn else (),
+                                                        vision_pos=vision_pos)
         tok_loss = F.cross_entropy(logits.float(), labels, reduction="none")
-        loss = tok_loss.mean()
+        w_tok = torch.where(lk, 1.0, args.vqa_weight)
+        loss = (tok_loss * w_tok).sum() / w_tok.sum()
         aux_loss, aux_acc = (aux.loss(img, patch_labels, lm) if aux is not None else (torch.zeros(()), 0.0))
         total_loss = loss + args.aux * aux_loss
         attn_loss, attn_mass = torch.zeros(()), 0.0

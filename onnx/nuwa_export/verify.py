@@ -24,6 +24,8 @@ def hf_vision(model, pixel_values: np.ndarray, feature_layer: int, metric_layer:
     if att is None or att[metric_layer] is None:
         raise SystemExit("the HF vision tower returned no attentions (load it with attn_implementation='eager')")
     feats = hs[feature_layer][:, 1:]
+    if getattr(model, "nuwa_vision_pos", None) is not None:  # export_llava.load_vision_pos
+        feats = feats + model.nuwa_vision_pos
     return {
         "features": feats.numpy(),
         "cls_attention": att[metric_layer][:, :, 0, 1:].sum(dim=1).numpy(),
@@ -43,10 +45,15 @@ def hf_attention_row(model, inputs_embeds: torch.Tensor, split: int) -> np.ndarr
 
 
 @torch.no_grad()
-def hf_greedy(model, input_ids: list[int], pixel_values: np.ndarray, steps: int) -> tuple[list[int], np.ndarray]:
-    """Greedy tokens and the logits that produced each of them ([steps, vocab]); step 0 is the prefill."""
-    ids = torch.tensor([input_ids])
-    out = model(input_ids=ids, pixel_values=torch.from_numpy(pixel_values), use_cache=True)
+def hf_greedy(model, input_ids: list[int], pixel_values: np.ndarray, steps: int,
+              inputs_embeds: torch.Tensor | None = None) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens and the logits that produced each of them ([steps, vocab]); step 0 is the prefill. With
+    `inputs_embeds` (hf_inputs_embeds) the prefill takes those instead of running the tower on `pixel_values`: the
+    path for a model whose image features get more than HF's LLaVA gives them (a vision position table)."""
+    if inputs_embeds is not None:
+        out = model(inputs_embeds=inputs_embeds, use_cache=True)
+    else:
+        out = model(input_ids=torch.tensor([input_ids]), pixel_values=torch.from_numpy(pixel_values), use_cache=True)
     cache, logits = out.past_key_values, out.logits[0, -1]
     tokens, all_logits = [], []
     for _ in range(steps):

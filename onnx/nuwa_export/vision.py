@@ -58,9 +58,12 @@ class VisionWrapper(nn.Module):
     """pixel_values [1,3,H,W] -> (features, cls_attention, similarity), see the module docstring."""
 
     def __init__(self, vision_tower: nn.Module, height: int, width: int, feature_layer: int, metric_layer: int,
-                 similarity_layers: int):
+                 similarity_layers: int, feature_offset: torch.Tensor | None = None):
         super().__init__()
         self.info = tower_info(vision_tower)
+        # A learned per-patch table [N, C] added to `features` only (the demo model's vision position table, see
+        # export_llava.load_checkpoint); the Stage-1 signals (cls_attention, similarity) are the tower's own.
+        self.register_buffer("feature_offset", None if feature_offset is None else feature_offset.detach().clone())
         body = _tower_body(vision_tower)
         L = self.info.num_layers
         # Normalise HF indices (negative allowed) into hidden_states / attentions positions.
@@ -127,6 +130,8 @@ class VisionWrapper(nn.Module):
                 h = h[0]
             hidden_states.append(h)
         features = hidden_states[self.feature_idx][:, 1:]
+        if self.feature_offset is not None:
+            features = features + self.feature_offset
         sim = torch.stack(hidden_states[-self.similarity_layers:], dim=0).mean(dim=0)[:, 1:]
         return features, cls_attention, sim
 
