@@ -10,8 +10,8 @@ use std::process::{Command, Output as ProcessOutput};
 
 use nuwa::eval::progress::{format_duration, render};
 use nuwa::eval::{
-    data::parse_line, iou, label, metrics::vqa_correct, normalize_answer, parse_sweep, retention, score, Dataset,
-    Expected, ItemResult, RunResult, Score, Summary, Table, Unreadable, DEFAULT_SWEEP,
+    data::parse_line, iou, kept_share, label, metrics::vqa_correct, normalize_answer, parse_sweep, retention, score, Dataset,
+    Expected, ItemResult, RunResult, Score, Summary, Table, Unreadable, DEFAULT_SWEEP, target_cells,
 };
 use nuwa::prune::{Amount, Method, PositionPolicy, PruneConfig, METHOD_NAMES};
 use serde_json::Value;
@@ -62,6 +62,21 @@ fn iou_of_known_boxes() {
     assert_eq!(iou(a, [f64::NAN, 0.0, 5.0, 5.0]), 0.0);
     assert_eq!(iou(a, [0.0, 0.0, f64::INFINITY, 10.0]), 0.0);
     assert_eq!(iou([3.0, 1.0, 9.0, 4.0], [1.0, 2.0, 5.0, 8.0]), iou([1.0, 2.0, 5.0, 8.0], [3.0, 1.0, 9.0, 4.0]));
+}
+
+#[test]
+fn target_cells_of_a_box_on_the_grid() {
+    // 336 px input, 24x24 grid of 14 px cells: a box over cells x 2..=4, y 1..=2 (centres 35, 49, 63 / 21, 35).
+    assert_eq!(target_cells([28.0, 14.0, 70.0, 42.0], 336, 336, 24, 24), [26, 27, 28, 50, 51, 52]);
+    // Too small to hold a centre: the cell under its centre.
+    assert_eq!(target_cells([15.0, 15.0, 18.0, 18.0], 336, 336, 24, 24), [25]);
+    // The whole input; reversed corners are ordered; outside or NaN gives nothing.
+    assert_eq!(target_cells([0.0, 0.0, 336.0, 336.0], 336, 336, 24, 24).len(), 576);
+    assert_eq!(target_cells([70.0, 42.0, 28.0, 14.0], 336, 336, 24, 24).len(), 6);
+    assert!(target_cells([400.0, 400.0, 401.0, 401.0], 336, 336, 24, 24).is_empty());
+    assert!(target_cells([f32::NAN, 0.0, 10.0, 10.0], 336, 336, 24, 24).is_empty());
+    assert_eq!(kept_share(&[26, 27, 28, 50], &[1, 27, 50, 100]), Some(0.5));
+    assert_eq!(kept_share(&[], &[1]), None);
 }
 
 #[test]
@@ -264,6 +279,8 @@ fn item(kind: &'static str, correct: bool, ttft: f64, kept: usize) -> ItemResult
         ttft_ms: ttft,
         visual_tokens_kept: kept,
         visual_tokens_after_stage1: kept * 2,
+        target_kept_stage1: (kind == "grounding").then_some(if correct { 1.0 } else { 0.5 }),
+        target_kept_stage2: (kind == "grounding").then_some(if correct { 0.5 } else { 0.0 }),
     }
 }
 
@@ -310,9 +327,12 @@ fn summaries_and_the_table() {
     assert_eq!(r2.unreadable, 1);
 
     let md = t.markdown();
-    assert!(md.contains("| none | - | 16 -> 8 | 0.750 | 100.0% | 0.500 | 100.0% | 13.3 | 4 / 2 | 0 |"), "{md}");
+    // target kept: grounding items only (3 right at 1.0 / 0.5, 1 wrong at 0.5 / 0.0)
+    assert_eq!((r0.target_kept_stage1, r0.target_kept_stage2), (Some(0.875), Some(0.375)));
+    assert_eq!((r2.target_kept_stage1, r2.target_kept_stage2), (None, None));
+    assert!(md.contains("| none | - | 16 -> 8 | 0.750 | 100.0% | 0.500 | 100.0% | 88% / 38% | 13.3 | 4 / 2 | 0 |"), "{md}");
     assert!(md.contains("| nuwa | 64 | 16 -> 8 | 0.250 | 33.3% | 1.000 | 200.0% |"), "{md}");
-    assert!(md.contains("| pool | 10/10 | 16 -> 8 | n/a | n/a | 0.000 | 0.0% |"), "{md}");
+    assert!(md.contains("| pool | 10/10 | 16 -> 8 | n/a | n/a | 0.000 | 0.0% | n/a / n/a |"), "{md}");
     assert!(md.contains("Command: `nuwa eval ...`"));
 
     // Files: a trailing .md on the stem is dropped; JSON has nulls, never NaN.
@@ -434,6 +454,12 @@ fn sweep_writes_markdown_and_json_with_the_none_row() {
         assert!(if none_acc == 0.0 { r["grounding_retention"].is_null() } else { r["grounding_retention"].is_f64() });
     }
     assert_eq!(rows[1]["mean_visual_tokens_kept"].as_f64(), Some(2.0));
+    // The target's cells: all kept unpruned; Stage 2 keeps a subset of what Stage 1 kept.
+    assert_eq!((rows[0]["target_kept_stage1"].as_f64(), rows[0]["target_kept_stage2"].as_f64()), (Some(1.0), Some(1.0)));
+    for r in &rows[1..] {
+        let (s1, s2) = (r["target_kept_stage1"].as_f64().expect("s1"), r["target_kept_stage2"].as_f64().expect("s2"));
+        assert!((0.0..=1.0).contains(&s1) && s2 <= s1, "{r}");
+    }
     // pool is Stage-1 only: the last layer sees what Stage 1 kept (a 3x3 grid on the 9x9 fixture).
     assert_eq!(rows[2]["mean_visual_tokens_kept"].as_f64(), Some(9.0));
     assert_eq!(rows[2]["mean_visual_tokens_after_stage1"].as_f64(), Some(9.0));

@@ -44,6 +44,47 @@ pub struct Score {
     pub normalized: Option<String>,
 }
 
+/// The grid cells (raster indices) an object occupies: those whose centre lies inside `model_box` (model-input
+/// pixels, `[x1, y1, x2, y2]`, as [`crate::image::ResizeRecord::to_model_box`] gives), or, for a box too small to contain a
+/// cell centre, the cell under the box's centre. Empty when the box is not finite or lies outside the input.
+pub fn target_cells(model_box: [f32; 4], model_w: u32, model_h: u32, grid_w: usize, grid_h: usize) -> Vec<usize> {
+    if !model_box.iter().all(|v| v.is_finite()) || model_w == 0 || model_h == 0 || grid_w == 0 || grid_h == 0 {
+        return Vec::new();
+    }
+    let (cw, ch) = (model_w as f32 / grid_w as f32, model_h as f32 / grid_h as f32);
+    let [x1, y1, x2, y2] = model_box;
+    let (x1, x2, y1, y2) = (x1.min(x2), x1.max(x2), y1.min(y2), y1.max(y2));
+    let mut cells = Vec::new();
+    for r in 0..grid_h {
+        let cy = (r as f32 + 0.5) * ch;
+        if cy < y1 || cy > y2 {
+            continue;
+        }
+        for c in 0..grid_w {
+            let cx = (c as f32 + 0.5) * cw;
+            if cx >= x1 && cx <= x2 {
+                cells.push(r * grid_w + c);
+            }
+        }
+    }
+    if cells.is_empty() {
+        let (mx, my) = ((x1 + x2) / 2.0, (y1 + y2) / 2.0);
+        if mx >= 0.0 && my >= 0.0 && mx < model_w as f32 && my < model_h as f32 {
+            cells.push(((my / ch) as usize).min(grid_h - 1) * grid_w + ((mx / cw) as usize).min(grid_w - 1));
+        }
+    }
+    cells
+}
+
+/// The share of `target` cells that are among `kept` (None for an empty target).
+pub fn kept_share(target: &[usize], kept: &[usize]) -> Option<f64> {
+    if target.is_empty() {
+        return None;
+    }
+    let hit = target.iter().filter(|t| kept.contains(t)).count();
+    Some(hit as f64 / target.len() as f64)
+}
+
 /// Intersection over union of two `[x1, y1, x2, y2]` boxes; 0 when either is empty, has a non-finite coordinate, or
 /// they do not overlap.
 pub fn iou(a: [f64; 4], b: [f64; 4]) -> f64 {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 pub use data::{Dataset, EvalItem, Unreadable};
-pub use metrics::{iou, normalize_answer, score, Expected, Score, IOU_THRESHOLD};
+pub use metrics::{iou, kept_share, normalize_answer, score, target_cells, Expected, Score, IOU_THRESHOLD};
 pub use table::{retention, Summary, Table};
 
 use crate::error::{Error, Result};
@@ -56,6 +56,13 @@ pub struct ItemResult {
     pub visual_tokens_kept: usize,
     /// Visual tokens after Stage 1 (what the decoder head saw).
     pub visual_tokens_after_stage1: usize,
+    /// Grounding: the share of the target's grid cells ([`target_cells`]) among the tokens Stage 1 kept (for merging
+    /// methods: kept as an anchor).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_kept_stage1: Option<f64>,
+    /// Grounding: the same share among the tokens the last decoder layer saw (after Stage 2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_kept_stage2: Option<f64>,
 }
 
 /// Everything one pruning setting gave on a dataset.
@@ -144,6 +151,13 @@ pub fn evaluate_sweep(
                 match outcome {
                     Ok(out) => {
                         let s = &out.stats;
+                        let target = match &item.expected {
+                            Expected::Grounding { bbox } => {
+                                let b = out.resize.to_model_box(bbox.map(|v| v as f32));
+                                target_cells(b, out.resize.model_width, out.resize.model_height, v.grid_w, v.grid_h)
+                            }
+                            Expected::Vqa { .. } => Vec::new(),
+                        };
                         let result = ItemResult {
                             line: item.line,
                             kind: item.expected.kind(),
@@ -151,6 +165,8 @@ pub fn evaluate_sweep(
                             ttft_ms: s.ttft_ms,
                             visual_tokens_kept: s.visual_tokens_kept,
                             visual_tokens_after_stage1: s.visual_tokens_after_stage1,
+                            target_kept_stage1: kept_share(&target, &s.kept_stage1),
+                            target_kept_stage2: kept_share(&target, &s.kept_stage2),
                             text: out.text,
                         };
                         on_item(i, ItemEvent::Scored(&result));

@@ -49,6 +49,10 @@ pub struct Summary {
     pub mean_visual_tokens_kept: Option<f64>,
     /// Mean visual tokens after Stage 1 (what the decoder head saw).
     pub mean_visual_tokens_after_stage1: Option<f64>,
+    /// Grounding: mean share of the target's grid cells Stage 1 kept (null without grounding items).
+    pub target_kept_stage1: Option<f64>,
+    /// Grounding: mean share of the target's grid cells the last decoder layer saw.
+    pub target_kept_stage2: Option<f64>,
     /// Lines not scored (bad lines, missing images, failed requests).
     pub unreadable: usize,
     /// Each of them with its line number and reason.
@@ -103,6 +107,8 @@ impl Summary {
             mean_ttft_ms: mean(run.items.iter().map(|i| i.ttft_ms)),
             mean_visual_tokens_kept: mean(run.items.iter().map(|i| i.visual_tokens_kept as f64)),
             mean_visual_tokens_after_stage1: mean(run.items.iter().map(|i| i.visual_tokens_after_stage1 as f64)),
+            target_kept_stage1: mean(grounding.iter().filter_map(|i| i.target_kept_stage1)),
+            target_kept_stage2: mean(grounding.iter().filter_map(|i| i.target_kept_stage2)),
             unreadable: run.unreadable.len(),
             unreadable_items: run.unreadable.clone(),
         }
@@ -163,12 +169,13 @@ impl Table {
             "Greedy decoding, at most {} tokens per answer; {} items parsed from the data (each row counts what it \
              scored and what was unreadable; the JSON lists the unreadable lines). Grounding: Acc@0.5 of the first \
              predicted box; VQA: normalised exact match; retention: accuracy / unpruned accuracy; tokens: mean visual \
-             tokens after Stage 1 -> what the last decoder layer sees; TTFT: mean time to first token, image \
-             decoding included.\n",
+             tokens after Stage 1 -> what the last decoder layer sees; target kept: mean share of a grounding \
+             target's grid cells among the tokens after Stage 1 / after Stage 2; TTFT: mean time to first token, \
+             image decoding included.\n",
             self.max_new_tokens, self.items
         );
-        s.push_str("| method | budget | tokens | grounding acc | grounding retention | VQA acc | VQA retention | mean TTFT ms | n grounding / VQA | unreadable |\n");
-        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        s.push_str("| method | budget | tokens | grounding acc | grounding retention | VQA acc | VQA retention | target kept S1 / S2 | mean TTFT ms | n grounding / VQA | unreadable |\n");
+        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &self.rows {
             let budget = match (r.budget, r.keep1, r.keep2) {
                 (Some(b), _, _) => b.to_string(),
@@ -182,12 +189,14 @@ impl Table {
             );
             let _ = writeln!(
                 s,
-                "| {} | {budget} | {tokens} | {} | {} | {} | {} | {} | {} / {} | {} |",
+                "| {} | {budget} | {tokens} | {} | {} | {} | {} | {} / {} | {} | {} / {} | {} |",
                 r.method,
                 fmt_opt(r.grounding_acc, 3, ""),
                 fmt_opt(r.grounding_retention, 1, "%"),
                 fmt_opt(r.vqa_acc, 3, ""),
                 fmt_opt(r.vqa_retention, 1, "%"),
+                fmt_opt(r.target_kept_stage1.map(|v| 100.0 * v), 0, "%"),
+                fmt_opt(r.target_kept_stage2.map(|v| 100.0 * v), 0, "%"),
                 fmt_opt(r.mean_ttft_ms, 1, ""),
                 r.n_grounding,
                 r.n_vqa,
