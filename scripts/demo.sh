@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The main job: installs ONNX Runtime if missing, builds nuwa, and answers a question about an image with the
-# committed fixture model (or MODEL=models/<id>), with Nüwa pruning, and draws the kept tokens. Extra arguments go
-# to `nuwa run`.
+# The main job: installs ONNX Runtime if missing, builds nuwa, and asks the committed demo model (models/nuwa-demo,
+# or MODEL=models/<id>) for the box of a shape in an example photo no training image used, with Nüwa pruning at
+# budget 64; prints the answer and the box in original-image pixels and draws the kept tokens and the box to
+# out/demo-viz.png. IMAGE / PROMPT / PRUNE override the defaults; extra arguments go to `nuwa run`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup-ort.sh >&2
 cargo build --release --quiet
-model="${MODEL:-models/tiny-llava-clip}"
-image="${IMAGE:-examples/coco-000000000139.jpg}"
-prompt="${PROMPT:-Please provide the bounding box coordinate of the region this sentence describes: the person.}"
+model="${MODEL:-models/nuwa-demo}"
+image="${IMAGE:-examples/shapes-tennis.jpg}"
+prompt="${PROMPT:-Please provide the bounding box coordinate of the region this sentence describes: the purple circle.}"
 mkdir -p out
-# Nüwa pruning at budget 64 (PRUNE="--prune none" to switch it off); the kept tokens are drawn to out/demo-viz.png.
+# Nüwa pruning at budget 64 (PRUNE="--prune none" to switch it off).
 # shellcheck disable=SC2086
 exec target/release/nuwa run --model "$model" --image "$image" --prompt "$prompt" ${PRUNE:---prune nuwa --budget 64} \
   --viz out/demo-viz.png "$@"
