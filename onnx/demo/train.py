@@ -109,7 +109,7 @@ class Data:
     def order(self, seed: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([seed, epoch]).permutation(len(self.images))
 
-    def batch(self, img_ids, pad_id: int):
+    def batch(self, img_ids, pad_id: int, vqa_targets: bool = False):
         feats = torch.from_numpy(np.stack([self.feats[self.images[i][0]][self.images[i][1]] for i in img_ids])
                                  .astype(np.float32))
         labs = [self.labels[self.images[i][0]] for i in img_ids]
@@ -145,7 +145,7 @@ class Data:
         if inst is not None:
             t = torch.tensor(targets)
             target_mask = (inst[torch.tensor(owner)] == (t + 1)[:, None]) & (t >= 0)[:, None]
-            if patch_labels is not None:  # VQA items: the patches of the shapes the question is about
+            if patch_labels is not None and vqa_targets:  # VQA items: the patches of the shapes asked about
                 lab = patch_labels[torch.tensor(owner)]
                 colour, shape = (lab - 1) // len(make_data.SHAPES), (lab - 1) % len(make_data.SHAPES)
                 for m, vsel in enumerate(vsels):
@@ -361,6 +361,9 @@ def main(argv=None) -> None:
     p.add_argument("--attn-sup", type=float, default=0.0,
                    help="weight of the attention supervision: grounding answer tokens' head-mean attention at "
                         "--attn-layer should lie on the target shape's patches (0: off)")
+    p.add_argument("--attn-sup-vqa", action="store_true",
+                   help="extend --attn-sup to VQA answers: onto the named shape (colour questions, existence answered "
+                        "yes) or every shape of the kind (counts); see vqa_selector")
     p.add_argument("--attn-layer", type=int, nargs="+", default=[5],
                    help="decoder layer(s) of --attn-sup (default: the last; several: the loss is their mean)")
     p.add_argument("--box-aux", type=float, default=0.0,
@@ -428,7 +431,11 @@ def main(argv=None) -> None:
     if src is not None and src.get("vision_pos") is not None:
         vision_pos = torch.nn.Parameter(src["vision_pos"].clone())
     elif args.vision_pos > 0:
-        vision_pos = torch.nn.Parameter(sincos_2d(24, cfg.vision_config.hidden_size, args.vision_pos))
+        n_tok = data.feats[0].shape[1]
+        grid = math.isqrt(n_tok)
+        if grid * grid != n_tok:
+            raise SystemExit(f"--vision-pos needs a square token grid, the cached features have {n_tok} tokens")
+        vision_pos = torch.nn.Parameter(sincos_2d(grid, cfg.vision_config.hidden_size, args.vision_pos))
     named = list(proj.named_parameters()) + list(lm.named_parameters())
     if vision_pos is not None:
         named.append(("linear_vision_pos", vision_pos))  # the projector's lr group, no weight decay (below)
@@ -523,7 +530,7 @@ def main(argv=None) -> None:
             st["pos"] = 0
             order = data.order(args.seed, st["epoch"])
         ids = order[st["pos"]:st["pos"] + args.batch_images].tolist()
-        b, (patch_labels, target_mask, row_box) = data.batch(ids, pad_id)
+        b, (patch_labels, target_mask, row_box) = data.batch(ids, pad_id, vqa_targets=args.attn_sup_vqa)
         total_for_lr = st["total_steps"] or 10 ** 9
         lr = lr_at(st["step"], total_for_lr, args)
         for g in opt.param_groups:
@@ -539,7 +546,8 @@ def main(argv=None) -> None:
         total_loss = loss + args.aux * aux_loss
         attn_loss, attn_mass = torch.zeros(()), 0.0
         if use_attn:
-            # mass of the head-mean attention of every grounding answer position on its target's patches
+            # mass of the head-mean attention of every answer position of an item with a target (grounding; VQA with
+            # --attn-sup-vqa) on the target's patches
             rows_t, cols_t = b[3], b[4]
             sel = target_mask[rows_t].any(1)
             img_keys = torch.nonzero(image_mask).squeeze(1)
