@@ -121,6 +121,9 @@ def check_model(model_dir: Path, data: Path, n: int, threads: int, hf: Path | No
     imgs = sorted({json.loads(line)["image"] for line in (data / "shard-0000" / "items.jsonl").read_text()
                    .splitlines()})[:n]
     pos = 0.0
+    if m.get("source", {}).get("vision_position_table") and hf is None:
+        raise SystemExit(f"{model_dir}: its features include a vision position table "
+                         f"({m['source']['vision_position_table']}); pass --hf with the assembled checkpoint dir")
     if hf is not None and (hf / VISION_POS_FILE).exists():  # the graph's features include the position table
         pos = np.load(hf / VISION_POS_FILE)
         print(f"[check-model] comparing against cache + {hf / VISION_POS_FILE}")
