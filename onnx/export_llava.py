@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nuwa_export import export as ex  # noqa: E402
 from nuwa_export import manifest as mf  # noqa: E402
 from nuwa_export import verify as vf  # noqa: E402
-from nuwa_export.vision import VisionWrapper  # noqa: E402
+from nuwa_export.vision import VISION_POS_FILE, VisionWrapper  # noqa: E402
 
 DEFAULT_IMAGE_DIR = Path("/work/shared/data/coco/coco_mini_obmutescence/val2017")
 LOGIT_TOL = 1e-3
@@ -64,9 +64,6 @@ def load_checkpoint(path: Path):
     model.eval()
     model.nuwa_vision_pos = load_vision_pos(path, model)
     return processor, model
-
-
-VISION_POS_FILE = "nuwa_vision_pos.npy"
 
 
 def load_vision_pos(path: Path, model) -> torch.Tensor | None:

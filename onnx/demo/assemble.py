@@ -33,9 +33,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import demo_common as dc  # noqa: E402
-
-VISION_POS_FILE = "nuwa_vision_pos.npy"  # = export_llava.VISION_POS_FILE
+import demo_common as dc  # noqa: E402  (puts onnx/ on sys.path)
+from nuwa_export.vision import VISION_POS_FILE  # noqa: E402
 
 
 def assemble(ckpt: Path, out: Path, state_file: str) -> None:

@@ -54,6 +54,11 @@ def tower_info(vision_tower: nn.Module) -> TowerInfo:
     return TowerInfo(kind, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.patch_size, True)
 
 
+# Optional file of a checkpoint dir: a learned position table [grid tokens, vision hidden] (float32 .npy) added to
+# the selected features before the projector; export_llava.load_vision_pos reads it, onnx/demo/assemble.py writes it.
+VISION_POS_FILE = "nuwa_vision_pos.npy"
+
+
 class VisionWrapper(nn.Module):
     """pixel_values [1,3,H,W] -> (features, cls_attention, similarity), see the module docstring."""
 
