@@ -251,6 +251,7 @@ fn sweep_specs() {
     assert_eq!(all.len(), 1 + 7 * 3);
     assert_eq!(label(&all[0]), "none");
     for name in METHOD_NAMES.iter().skip(1) {
+        let name = if *name == "visionzip" { "visionzip+positions=original" } else { name };
         for b in [64, 128, 192] {
             assert!(all.iter().any(|c| label(c) == format!("{name}:{b}")), "{name}:{b}");
         }
@@ -259,7 +260,37 @@ fn sweep_specs() {
     let s = parse_sweep(" nuwa:64 ; fastv ;nuwa:64;none", &t).expect("spec");
     assert_eq!(s.iter().map(label).collect::<Vec<_>>(), ["none", "nuwa:64", "fastv:64", "fastv:128", "fastv:192"]);
     assert_eq!(s[1].amount, Amount::Budget(64));
-    for (bad, needle) in [("none:64", "none takes no budgets"), ("nuwa:6x", "not a number"), ("nuwa:", "not a number"), ("fast:64", "unknown pruning method")] {
+    // Ablation options ride on the method and come back in the label.
+    let d = PruneConfig::default();
+    let s = parse_sweep("nuwa+pillar=0:64,k112/112;visionzip+contextual=0+positions=original:64,128;nuwa:64;visionzip:64", &d).expect("options");
+    let labels = [
+        "none",
+        "nuwa+pillar=0:64",
+        "nuwa+pillar=0:k112/112",
+        "visionzip+positions=original+contextual=0:64",
+        "visionzip+positions=original+contextual=0:128",
+        "nuwa:64",
+        "visionzip:64",
+    ];
+    assert_eq!(s.iter().map(label).collect::<Vec<_>>(), labels);
+    assert_eq!((s[1].pillar_quantile, s[1].contextual, s[3].contextual, s[5].pillar_quantile), (Some(0.0), None, Some(0), None));
+    assert_eq!((s[2].amount, s[3].positions, s[6].positions), (Amount::Keep { keep1: 112, keep2: 112 }, Some(PositionPolicy::Original), None));
+    // A label read back as a sweep entry gives the same setting.
+    for c in &s[1..] {
+        assert_eq!(parse_sweep(&label(c), &d).expect("label")[1], *c, "{}", label(c));
+    }
+    for (bad, needle) in [
+        ("none:64", "none takes no budgets"),
+        ("nuwa:6x", "not a number"),
+        ("nuwa:", "not a number"),
+        ("fast:64", "unknown pruning method"),
+        ("nuwa+pillar:64", "KEY=VALUE"),
+        ("nuwa+pillar=x:64", "not a number"),
+        ("nuwa+depth=2:64", "unknown option"),
+        ("nuwa:k112", "kN/M"),
+        ("nuwa:k1x/2", "kN/M"),
+        ("visionzip+positions=diagonal:64", "unknown position policy"),
+    ] {
         let e = parse_sweep(bad, &t).expect_err(bad).to_string();
         assert!(e.contains(needle), "{bad}: {e}");
     }
@@ -436,14 +467,14 @@ fn sweep_writes_markdown_and_json_with_the_none_row() {
     let data = mini();
     let o = nuwa(&[
         "eval", "--model", "models/tiny-llava-clip", "--data", data.to_str().expect("path"), "--limit", "2",
-        "--max-tokens", "3", "--sweep", "nuwa:64;pool:64", "--out", stem.to_str().expect("path"),
+        "--max-tokens", "3", "--sweep", "nuwa:64;pool:64;nuwa+pillar=0:k16/2", "--out", stem.to_str().expect("path"),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let md = std::fs::read_to_string(stem.with_extension("md")).expect("sweep.md");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).expect("sweep.json")).expect("json");
     let rows = v["rows"].as_array().expect("rows");
     let labels: Vec<&str> = rows.iter().map(|r| r["label"].as_str().expect("label")).collect();
-    assert_eq!(labels, ["none", "nuwa:64", "pool:64"]);
+    assert_eq!(labels, ["none", "nuwa:64", "pool:64", "nuwa+pillar=0:k16/2"]);
     for r in rows {
         assert_eq!((r["n_grounding"].as_u64(), r["n_vqa"].as_u64(), r["unreadable"].as_u64()), (Some(1), Some(1), Some(0)));
         for key in ["grounding_acc", "vqa_acc", "grounding_retention", "vqa_retention", "mean_ttft_ms", "mean_visual_tokens_kept", "mean_visual_tokens_after_stage1"] {
@@ -463,8 +494,11 @@ fn sweep_writes_markdown_and_json_with_the_none_row() {
     // pool is Stage-1 only: the last layer sees what Stage 1 kept (a 3x3 grid on the 9x9 fixture).
     assert_eq!(rows[2]["mean_visual_tokens_kept"].as_f64(), Some(9.0));
     assert_eq!(rows[2]["mean_visual_tokens_after_stage1"].as_f64(), Some(9.0));
-    assert!(v["command"].as_str().is_some_and(|c| c.contains("--sweep 'nuwa:64;pool:64'")), "{}", v["command"]);
-    for needle in ["| none | - | 81 -> 81 |", "| nuwa | 64 | 16 -> 2 |", "| pool | 64 | 9 -> 9 |"] {
+    assert!(v["command"].as_str().is_some_and(|c| c.contains("--sweep 'nuwa:64;pool:64;nuwa+pillar=0:k16/2'")), "{}", v["command"]);
+    // The same anchors as nuwa:64 (same counts, same target cells), none of them aggregated.
+    assert_eq!((rows[3]["keep1"].as_u64(), rows[3]["keep2"].as_u64()), (Some(16), Some(2)));
+    assert_eq!(rows[3]["target_kept_stage1"], rows[1]["target_kept_stage1"]);
+    for needle in ["| none | - | 81 -> 81 |", "| nuwa | 64 | 16 -> 2 |", "| pool | 64 | 9 -> 9 |", "| nuwa+pillar=0 | 16/2 | 16 -> 2 |"] {
         assert!(md.contains(needle), "{needle}: {md}");
     }
     // stdout is the markdown table too.
@@ -484,6 +518,13 @@ fn eval_rejects_bad_settings_before_running() {
     let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--prune", "nuwa"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--budget"), "{}", stderr(&o));
+    // An ablation option on a method that has no such knob, in a sweep and on a single run.
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--sweep", "fastv+pillar=0:64"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("fastv+pillar=0:64") && stderr(&o).contains("Nüwa option"), "{}", stderr(&o));
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--prune", "nuwa", "--budget", "64", "--visionzip-contextual", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("VisionZip option"), "{}", stderr(&o));
     let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--sweep", "--prune", "nuwa", "--budget", "64"]);
     assert_eq!(o.status.code(), Some(2), "--sweep conflicts with --prune: {}", stderr(&o));
     let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", "tests/data/eval/absent.jsonl"]);

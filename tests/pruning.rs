@@ -34,7 +34,7 @@ fn run(model: &Arc<Model>, prune: PruneConfig, tokens: usize) -> (Generation, Ou
 }
 
 fn cfg(method: Method, amount: Amount) -> PruneConfig {
-    PruneConfig { method, amount, positions: None, seed: 7 }
+    PruneConfig { method, amount, positions: None, seed: 7, ..Default::default() }
 }
 
 #[test]

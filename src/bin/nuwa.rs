@@ -121,6 +121,12 @@ struct PruneArgs {
     /// Position ids of kept tokens: original (default) or contiguous (VisionZip's default).
     #[arg(long)]
     positions: Option<PositionPolicy>,
+    /// Ablation of Nüwa's Stage 1: the pillar quantile (published 0.55; 0: every anchor a pillar, no aggregation).
+    #[arg(long)]
+    pillar_quantile: Option<f64>,
+    /// Ablation of VisionZip: contextual tokens within the budget (published: 10 per 64; 0: dominant tokens only).
+    #[arg(long)]
+    visionzip_contextual: Option<usize>,
 }
 
 impl PruneArgs {
@@ -130,7 +136,14 @@ impl PruneArgs {
             (None, Some(keep1), Some(keep2)) => Amount::Keep { keep1, keep2 },
             _ => Amount::All,
         };
-        PruneConfig { method: self.prune, amount, positions: self.positions, seed }
+        PruneConfig {
+            method: self.prune,
+            amount,
+            positions: self.positions,
+            seed,
+            pillar_quantile: self.pillar_quantile,
+            contextual: self.visionzip_contextual,
+        }
     }
 }
 
@@ -170,7 +183,7 @@ struct EvalArgs {
     prune: PruneArgs,
     /// Run several settings in one process: "METHOD:B1,B2;METHOD:B;none;..." (a method without budgets gets
     /// 64,128,192). Without a value: every method at 64,128,192 plus none. The none run is always included.
-    #[arg(long, num_args = 0..=1, default_missing_value = "default", conflicts_with_all = ["prune", "budget", "keep1", "keep2"])]
+    #[arg(long, num_args = 0..=1, default_missing_value = "default", conflicts_with_all = ["prune", "budget", "keep1", "keep2", "pillar_quantile", "visionzip_contextual"])]
     sweep: Option<String>,
     /// Write the table to OUT.md and OUT.json.
     #[arg(long)]

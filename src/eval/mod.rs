@@ -28,7 +28,7 @@ pub use table::{retention, Summary, Table};
 
 use crate::error::{Error, Result};
 use crate::pipeline::{GenerationParams, ImageInput, ImagePrefix, Model};
-use crate::prune::{Amount, Method, PruneConfig};
+use crate::prune::{Amount, Method, PositionPolicy, PruneConfig};
 use crate::sampler::SamplerConfig;
 
 /// The sweep `nuwa eval --sweep` runs when given no list: every method at budgets 64, 128 and 192, plus `none`.
@@ -85,13 +85,50 @@ pub enum ItemEvent<'a> {
     Failed(&'a Unreadable),
 }
 
-/// A short name for a setting: `none`, `nuwa:64`, `nuwa:k112/16`.
+/// A short name for a setting: `none`, `nuwa:64`, `nuwa:k112/16`, and with an ablation option
+/// `nuwa+pillar=0:64`, `visionzip+contextual=0:64`, `visionzip+positions=original:64` (a position convention is named
+/// only where it is not the method's own); the syntax [`parse_sweep`] reads.
 pub fn label(prune: &PruneConfig) -> String {
-    match prune.amount {
-        Amount::All => prune.method.to_string(),
-        Amount::Budget(b) => format!("{}:{b}", prune.method),
-        Amount::Keep { keep1, keep2 } => format!("{}:k{keep1}/{keep2}", prune.method),
+    let mut method = prune.method.to_string();
+    let published = if prune.method == Method::VisionZip { PositionPolicy::Contiguous } else { PositionPolicy::Original };
+    match prune.positions {
+        Some(p) if p != published && prune.method != Method::None => {
+            method += if p == PositionPolicy::Original { "+positions=original" } else { "+positions=contiguous" }
+        }
+        _ => {}
     }
+    if let Some(q) = prune.pillar_quantile {
+        method += &format!("+pillar={q}");
+    }
+    if let Some(c) = prune.contextual {
+        method += &format!("+contextual={c}");
+    }
+    match prune.amount {
+        Amount::All => method,
+        Amount::Budget(b) => format!("{method}:{b}"),
+        Amount::Keep { keep1, keep2 } => format!("{method}:k{keep1}/{keep2}"),
+    }
+}
+
+/// Applies the `+key=value` ablation options of a sweep entry's method part to `c`.
+fn apply_options(entry: &str, options: &str, c: &mut PruneConfig) -> Result<()> {
+    for opt in options.split('+').map(str::trim).filter(|o| !o.is_empty()) {
+        let bad = |what: &str| Error::InvalidRequest(format!("sweep entry {entry:?}: {what}"));
+        let (key, value) = opt.split_once('=').ok_or_else(|| bad(&format!("option {opt:?} is not KEY=VALUE")))?;
+        match key.trim() {
+            "pillar" => {
+                let q: f64 = value.trim().parse().map_err(|_| bad(&format!("pillar quantile {value:?} is not a number")))?;
+                c.pillar_quantile = Some(q);
+            }
+            "positions" => c.positions = Some(value.trim().parse()?),
+            "contextual" => {
+                let n: usize = value.trim().parse().map_err(|_| bad(&format!("contextual count {value:?} is not a number")))?;
+                c.contextual = Some(n);
+            }
+            other => return Err(bad(&format!("unknown option {other:?}; valid: pillar=Q (nuwa), contextual=N (visionzip), positions=original|contiguous"))),
+        }
+    }
+    Ok(())
 }
 
 /// Runs every item of `data` under `prune`; `on_item` sees each result as it comes (for progress).
@@ -194,10 +231,13 @@ fn run_item(model: &Arc<Model>, prefix: &ImagePrefix, prompt: &str, params: &Gen
     Ok(generation.output())
 }
 
-/// Parses a sweep: entries separated by `;`, each `METHOD` or `METHOD:B1,B2,...` (budgets as for `--budget`);
-/// a method without budgets gets 64, 128 and 192, `none` takes none. `default` (or an empty string) is
-/// [`DEFAULT_SWEEP`]. The `none` run is always included, first, since retention is relative to it; repeated
-/// entries run once. `template` gives the position policy and seed of every setting.
+/// Parses a sweep: entries separated by `;`, each `METHOD` or `METHOD:B1,B2,...` (budgets as for `--budget`, or
+/// `kN/M` for `--keep1 N --keep2 M`); a method without budgets gets 64, 128 and 192, `none` takes none. The method
+/// may carry ablation options: `nuwa+pillar=0` (Stage 1's pillar quantile: 0 is no aggregation),
+/// `visionzip+contextual=0` (contextual tokens in the budget), `+positions=original|contiguous`. `default` (or an
+/// empty string) is [`DEFAULT_SWEEP`]. The `none` run is always included, first, since retention is relative to it;
+/// repeated entries run once. `template` gives the position policy (unless an entry sets one) and seed of every
+/// setting.
 pub fn parse_sweep(spec: &str, template: &PruneConfig) -> Result<Vec<PruneConfig>> {
     let spec = spec.trim();
     let spec = if spec.is_empty() || spec.eq_ignore_ascii_case("default") || spec.eq_ignore_ascii_case("all") {
@@ -205,14 +245,15 @@ pub fn parse_sweep(spec: &str, template: &PruneConfig) -> Result<Vec<PruneConfig
     } else {
         spec
     };
-    let make = |method, amount| PruneConfig { method, amount, ..template.clone() };
+    let make = |method, amount| PruneConfig { method, amount, pillar_quantile: None, contextual: None, ..template.clone() };
     let mut out = vec![make(Method::None, Amount::All)];
     for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
         let (name, budgets) = match entry.split_once(':') {
             Some((n, b)) => (n.trim(), Some(b)),
             None => (entry, None),
         };
-        let method: Method = name.parse()?;
+        let (name, options) = name.split_once('+').unwrap_or((name, ""));
+        let method: Method = name.trim().parse()?;
         let amounts: Vec<Amount> = match (method, budgets) {
             (Method::None, None) => vec![Amount::All],
             (Method::None, Some(_)) => {
@@ -222,14 +263,21 @@ pub fn parse_sweep(spec: &str, template: &PruneConfig) -> Result<Vec<PruneConfig
             (_, Some(list)) => list
                 .split(',')
                 .map(|b| {
-                    b.trim().parse::<usize>().map(Amount::Budget).map_err(|_| {
-                        Error::InvalidRequest(format!("sweep entry {entry:?}: budget {:?} is not a number", b.trim()))
-                    })
+                    let b = b.trim();
+                    let bad = || Error::InvalidRequest(format!("sweep entry {entry:?}: budget {b:?} is not a number or kN/M"));
+                    match b.strip_prefix('k').and_then(|k| k.split_once('/')) {
+                        Some((k1, k2)) => Ok(Amount::Keep {
+                            keep1: k1.trim().parse().map_err(|_| bad())?,
+                            keep2: k2.trim().parse().map_err(|_| bad())?,
+                        }),
+                        None => b.parse::<usize>().map(Amount::Budget).map_err(|_| bad()),
+                    }
                 })
                 .collect::<Result<_>>()?,
         };
         for amount in amounts {
-            let c = make(method, amount);
+            let mut c = make(method, amount);
+            apply_options(entry, options, &mut c)?;
             if !out.contains(&c) {
                 out.push(c);
             }

@@ -190,7 +190,8 @@ impl Table {
             let _ = writeln!(
                 s,
                 "| {} | {budget} | {tokens} | {} | {} | {} | {} | {} / {} | {} | {} / {} | {} |",
-                r.method,
+                // the method with its ablation options (`nuwa+pillar=0`), as in the label
+                r.label.split(':').next().unwrap_or(&r.method),
                 fmt_opt(r.grounding_acc, 3, ""),
                 fmt_opt(r.grounding_retention, 1, "%"),
                 fmt_opt(r.vqa_acc, 3, ""),

@@ -133,6 +133,14 @@ pub struct PruneConfig {
     pub positions: Option<PositionPolicy>,
     /// Seed for `random`.
     pub seed: u64,
+    /// Nüwa ablation: Stage 1's pillar quantile instead of the published 0.55. 0 makes every kept anchor a pillar
+    /// (selection without aggregation); 1 aggregates every anchor but the highest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pillar_quantile: Option<f64>,
+    /// VisionZip ablation: contextual (merged) tokens within the budget instead of the published 10 per 64; 0 keeps
+    /// dominant tokens only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contextual: Option<usize>,
 }
 
 /// A config resolved against a grid: what each stage keeps.
@@ -173,6 +181,17 @@ impl PruneConfig {
             PositionPolicy::Original
         });
         let none = Resolved { stage1: None, top_n: 1, stage2: None, positions };
+        if let Some(q) = self.pillar_quantile {
+            if self.method != Method::Nuwa {
+                return Err(Error::InvalidRequest(format!("the pillar quantile is a Nüwa option, not one of {}", self.method)));
+            }
+            if !(0.0..=1.0).contains(&q) {
+                return Err(Error::InvalidRequest(format!("pillar quantile must be in [0, 1] (got {q})")));
+            }
+        }
+        if self.contextual.is_some() && self.method != Method::VisionZip {
+            return Err(Error::InvalidRequest(format!("contextual tokens are a VisionZip option, not one of {}", self.method)));
+        }
         if self.method == Method::None {
             if self.amount != Amount::All {
                 return Err(Error::InvalidRequest("--budget/--keep1/--keep2 need a pruning method (--prune)".into()));
@@ -211,6 +230,13 @@ impl PruneConfig {
             },
             Method::FastV => Resolved { stage1: None, top_n: 1, stage2: cut(plan.keep2, n), positions },
             Method::VisionZip | Method::DivPrune | Method::Dart | Method::Pool | Method::Random => {
+                if let (Some(c), Some(keep)) = (self.contextual, cut(single, n)) {
+                    if c > keep {
+                        return Err(Error::InvalidRequest(format!(
+                            "VisionZip: {c} contextual tokens do not fit in a budget of {keep} tokens"
+                        )));
+                    }
+                }
                 Resolved { stage1: cut(single, n), top_n: 1, stage2: None, positions }
             }
         })
@@ -233,12 +259,18 @@ impl PruneConfig {
         };
         Ok(match self.method {
             Method::Nuwa => {
-                let cfg = PrunePlan { top_n: r.top_n, keep1: keep, keep2: keep }.stage1_config(t.grid_h, t.grid_w);
+                let mut cfg = PrunePlan { top_n: r.top_n, keep1: keep, keep2: keep }.stage1_config(t.grid_h, t.grid_w);
+                if let Some(q) = self.pillar_quantile {
+                    cfg.pillar_quantile = q;
+                }
                 let out = nuwa_stage1(metric()?, t.similarity.view(), t.features.view(), t.grid_h, t.grid_w, &cfg)?;
                 Stage1Result { kept: out.kept, pillar: Some(out.pillar), tokens: out.tokens }
             }
             Method::VisionZip => {
-                let (dominant, contextual) = visionzip_split(keep);
+                let (dominant, contextual) = match self.contextual {
+                    Some(c) => (keep - c.min(keep), c.min(keep)),
+                    None => visionzip_split(keep),
+                };
                 let out = visionzip(metric()?, t.similarity.view(), t.features.view(), dominant, contextual)?;
                 let mut kept: Vec<usize> = out.dominant.iter().chain(&out.targets).copied().collect();
                 let mut pillar: Vec<bool> = out.dominant.iter().map(|_| true).chain(out.targets.iter().map(|_| false)).collect();
@@ -293,7 +325,7 @@ mod tests {
     use super::*;
 
     fn cfg(method: Method, amount: Amount) -> PruneConfig {
-        PruneConfig { method, amount, positions: None, seed: 0 }
+        PruneConfig { method, amount, positions: None, seed: 0, ..Default::default() }
     }
 
     #[test]
@@ -328,5 +360,54 @@ mod tests {
         let e = cfg(Method::Nuwa, Amount::Keep { keep1: 10, keep2: 20 }).resolve(24, 24).expect_err("keep2 > keep1");
         assert!(e.to_string().contains("--keep2"), "{e}");
         assert_eq!("divprune".parse::<Method>().expect("parse").to_string(), "divprune");
+    }
+
+    /// A 12x12 grid whose features, similarity and CLS metric are distinct and deterministic.
+    fn tokens_12x12() -> VisionTokens {
+        let n = 144;
+        let f = Array2::from_shape_fn((n, 8), |(i, d)| ((i * 7 + d * 13) % 17) as f32 / 17.0 - 0.4);
+        let metric = (0..n).map(|i| ((i * 37) % 101) as f32 / 101.0 + 0.01).collect();
+        VisionTokens { features: f.clone(), cls_attention: Some(metric), similarity: f, grid_h: 12, grid_w: 12 }
+    }
+
+    #[test]
+    fn ablation_options_change_only_what_they_name() {
+        let t = tokens_12x12();
+        let run = |c: &PruneConfig| {
+            let r = c.resolve(12, 12).expect("resolve");
+            (r, c.stage1(&r, &t).expect("stage 1"))
+        };
+        // Nüwa with pillar quantile 0: the same anchors, every one a pillar, features untouched.
+        let published = cfg(Method::Nuwa, Amount::Budget(64));
+        let (r, a) = run(&published);
+        let flags = a.pillar.clone().expect("flags");
+        assert!(flags.iter().any(|p| !p) && flags.iter().any(|p| *p), "published: pillars and collectors");
+        let (r0, b) = run(&PruneConfig { pillar_quantile: Some(0.0), ..published.clone() });
+        assert_eq!((r0.stage1, r0.stage2), (r.stage1, r.stage2));
+        assert_eq!(b.kept, a.kept);
+        assert!(b.pillar.expect("flags").iter().all(|p| *p));
+        assert_eq!(b.tokens, t.features.select(Axis(0), &b.kept));
+        // The aggregated rows differ from the raw features; the pillars of the published run do not.
+        for (row, (&k, &pillar)) in a.kept.iter().zip(&flags).enumerate() {
+            assert_eq!(a.tokens.row(row) == t.features.row(k), pillar, "row {row}");
+        }
+        // VisionZip without contextual tokens: the whole budget goes to dominant tokens, none merged.
+        let vz = cfg(Method::VisionZip, Amount::Budget(64));
+        let (rv, full) = run(&vz);
+        let (_, dom) = run(&PruneConfig { contextual: Some(0), ..vz.clone() });
+        assert_eq!(dom.kept.len(), rv.stage1.expect("keep"));
+        assert_eq!(full.kept.len(), dom.kept.len());
+        assert!(full.pillar.expect("flags").iter().any(|p| !p));
+        assert!(dom.pillar.expect("flags").iter().all(|p| *p));
+        // Options on the wrong method, out of range, or larger than the budget are refused by name.
+        for (c, needle) in [
+            (PruneConfig { pillar_quantile: Some(0.5), ..cfg(Method::FastV, Amount::Budget(64)) }, "Nüwa option"),
+            (PruneConfig { pillar_quantile: Some(1.5), ..published.clone() }, "[0, 1]"),
+            (PruneConfig { contextual: Some(1), ..cfg(Method::Nuwa, Amount::Budget(64)) }, "VisionZip option"),
+            (PruneConfig { contextual: Some(999), ..vz }, "do not fit"),
+        ] {
+            let e = c.resolve(12, 12).expect_err("refused").to_string();
+            assert!(e.contains(needle), "{e}");
+        }
     }
 }
