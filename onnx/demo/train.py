@@ -364,6 +364,10 @@ def main(argv=None) -> None:
     p.add_argument("--attn-sup-vqa", action="store_true",
                    help="extend --attn-sup to VQA answers: onto the named shape (colour questions, existence answered "
                         "yes) or every shape of the kind (counts); see vqa_selector")
+    p.add_argument("--attn-per-item", action="store_true",
+                   help="--attn-sup averages each item's answer positions first, then the items: a VQA answer (1-2 "
+                        "tokens) and a box (25) count alike, and so does the last prompt token, which is the position "
+                        "Stage 2 / FastV select with (default: every answer position counts once)")
     p.add_argument("--attn-layer", type=int, nargs="+", default=[5],
                    help="decoder layer(s) of --attn-sup (default: the last; several: the loss is their mean)")
     p.add_argument("--box-aux", type=float, default=0.0,
@@ -551,11 +555,17 @@ def main(argv=None) -> None:
             rows_t, cols_t = b[3], b[4]
             sel = target_mask[rows_t].any(1)
             img_keys = torch.nonzero(image_mask).squeeze(1)
+            if args.attn_per_item:  # weight 1 / (answer positions of its item), normalised over the items
+                per_row = torch.bincount(rows_t[sel], minlength=target_mask.shape[0]).float()
+                w_pos = 1.0 / per_row[rows_t[sel]]
+                w_pos = w_pos / w_pos.sum()
+            else:
+                w_pos = torch.full((int(sel.sum()),), 1.0 / int(sel.sum()))
             for layer_probs in probs.values():
                 pm = layer_probs.mean(1)[rows_t[sel], cols_t[sel]][:, img_keys]  # [T', 576]
                 mass = (pm * target_mask[rows_t[sel]]).sum(1)
-                attn_loss = attn_loss - (mass + 1e-6).log().mean() / len(probs)
-                attn_mass += mass.mean().item() / len(probs)
+                attn_loss = attn_loss - ((mass + 1e-6).log() * w_pos).sum() / len(probs)
+                attn_mass += (mass * w_pos).sum().item() / len(probs)
             total_loss = total_loss + args.attn_sup * attn_loss
         box_loss = torch.zeros(())
         if box_head is not None and bool(lk.any()):
