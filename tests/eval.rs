@@ -289,7 +289,7 @@ fn sweep_specs() {
         ("nuwa+depth=2:64", "unknown option"),
         ("nuwa:k112", "kN/M"),
         ("nuwa:k1x/2", "kN/M"),
-        ("visionzip+positions=diagonal:64", "unknown position policy"),
+        ("visionzip+positions=diagonal:64", "\"visionzip+positions=diagonal:64\": unknown position policy"),
     ] {
         let e = parse_sweep(bad, &t).expect_err(bad).to_string();
         assert!(e.contains(needle), "{bad}: {e}");

@@ -120,7 +120,13 @@ fn apply_options(entry: &str, options: &str, c: &mut PruneConfig) -> Result<()> 
                 let q: f64 = value.trim().parse().map_err(|_| bad(&format!("pillar quantile {value:?} is not a number")))?;
                 c.pillar_quantile = Some(q);
             }
-            "positions" => c.positions = Some(value.trim().parse()?),
+            "positions" => {
+                let policy = value.trim().parse().map_err(|e| match e {
+                    Error::InvalidRequest(m) => bad(&m),
+                    other => other,
+                })?;
+                c.positions = Some(policy);
+            }
             "contextual" => {
                 let n: usize = value.trim().parse().map_err(|_| bad(&format!("contextual count {value:?} is not a number")))?;
                 c.contextual = Some(n);
