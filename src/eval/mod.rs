@@ -90,9 +90,8 @@ pub enum ItemEvent<'a> {
 /// only where it is not the method's own); the syntax [`parse_sweep`] reads.
 pub fn label(prune: &PruneConfig) -> String {
     let mut method = prune.method.to_string();
-    let published = if prune.method == Method::VisionZip { PositionPolicy::Contiguous } else { PositionPolicy::Original };
     match prune.positions {
-        Some(p) if p != published && prune.method != Method::None => {
+        Some(p) if p != prune.method.published_positions() && prune.method != Method::None => {
             method += if p == PositionPolicy::Original { "+positions=original" } else { "+positions=contiguous" }
         }
         _ => {}

@@ -72,6 +72,18 @@ impl FromStr for Method {
     }
 }
 
+impl Method {
+    /// The position convention the method was published with: VisionZip re-indexes its kept tokens, the others
+    /// keep original positions. A request without `positions` gets this one.
+    pub fn published_positions(self) -> PositionPolicy {
+        if self == Method::VisionZip {
+            PositionPolicy::Contiguous
+        } else {
+            PositionPolicy::Original
+        }
+    }
+}
+
 impl std::fmt::Display for Method {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let i = [Method::None, Method::Nuwa, Method::FastV, Method::VisionZip, Method::DivPrune, Method::Dart, Method::Pool, Method::Random]
@@ -175,11 +187,7 @@ impl PruneConfig {
     /// Resolves the keep counts of this config on a `grid_h x grid_w` grid.
     pub fn resolve(&self, grid_h: usize, grid_w: usize) -> Result<Resolved> {
         let n = grid_h * grid_w;
-        let positions = self.positions.unwrap_or(if self.method == Method::VisionZip {
-            PositionPolicy::Contiguous
-        } else {
-            PositionPolicy::Original
-        });
+        let positions = self.positions.unwrap_or(self.method.published_positions());
         let none = Resolved { stage1: None, top_n: 1, stage2: None, positions };
         if let Some(q) = self.pillar_quantile {
             if self.method != Method::Nuwa {
