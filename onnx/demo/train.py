@@ -259,10 +259,11 @@ def load_weights(s: dict, proj, lm, aux=None) -> None:
 
 
 def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch, attn_layers: tuple[int, ...] = (),
-            vision_pos: torch.Tensor | None = None):
+            vision_pos: torch.Tensor | None = None, hidden_layers: tuple[int, ...] = ()):
     """Returns (logits at answer positions [T, V], labels [T], grounding mask [T], n_items, projected image tokens,
     {layer: attention probabilities of the suffix queries [M, heads, S, P + S]} for `attn_layers`, final normed
-    hidden states at the answer positions [T, H])."""
+    hidden states at the answer positions [T, H]); with `hidden_layers`, an eighth element
+    {l: hidden_states[l] at the answer positions [T, H]} (hidden_states[l] = the output of layer l - 1)."""
     feats, owner, ids, rows, cols, labels, lk, n = batch
     B, P = feats.shape[0], prefix_ids.shape[0]
     emb = lm.model.embed_tokens
@@ -280,14 +281,17 @@ def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch,
             hooks.append(lm.model.layers[layer].self_attn.register_forward_hook(
                 lambda _m, _i, out, layer=layer: grabbed.__setitem__(layer, out[1])))
     try:
-        h = lm.model(inputs_embeds=emb(ids), past_key_values=cache,
-                     position_ids=(P + torch.arange(S)).unsqueeze(0).expand(ids.shape[0], -1)).last_hidden_state
+        o = lm.model(inputs_embeds=emb(ids), past_key_values=cache, output_hidden_states=bool(hidden_layers),
+                     position_ids=(P + torch.arange(S)).unsqueeze(0).expand(ids.shape[0], -1))
+        h = o.last_hidden_state
     finally:
         for hook in hooks:
             hook.remove()
         lm.config._attn_implementation = "sdpa"
     hs = h[rows, cols]
     logits = lm.lm_head(hs)
+    if hidden_layers:
+        return logits, labels, lk, n, img, grabbed, hs, {l: o.hidden_states[l][rows, cols] for l in hidden_layers}
     return logits, labels, lk, n, img, grabbed, hs
 
 
@@ -380,6 +384,12 @@ def main(argv=None) -> None:
     p.add_argument("--vqa-weight", type=float, default=1.0,
                    help="weight of a VQA answer token against a grounding one in the token loss (a VQA answer is 1-2 "
                         "tokens, a box 25, so at 1 VQA gets ~1/10 of the gradient per item)")
+    p.add_argument("--vqa-readout", type=float, default=0.0,
+                   help="weight of a training-only readout of every VQA answer token from the intermediate hidden "
+                        "states at --readout-layers (a linear head per layer over the VQA answer tokens): makes the "
+                        "layers whose attention finds the asked-about shape carry its colour / count onward")
+    p.add_argument("--readout-layers", type=int, nargs="+", default=[3, 5],
+                   help="hidden_states indices for --vqa-readout (l = the output of decoder layer l - 1)")
     p.add_argument("--stop-step", type=int, help="checkpoint and stop at this step (the schedule keeps its horizon)")
     p.add_argument("--limit-images", type=int, help="use only the first N images (smoke tests)")
     p.add_argument("--check", action="store_true", help="verify shared-prefix == full-sequence logits, then exit")
@@ -448,6 +458,21 @@ def main(argv=None) -> None:
     box_head = torch.nn.Linear(cfg.text_config.hidden_size, 4) if args.box_aux > 0 else None
     if box_head is not None:
         named += [("aux.box." + n, p) for n, p in box_head.named_parameters()]
+    readout, readout_class = None, None
+    if args.vqa_readout > 0:
+        bad = [l for l in args.readout_layers if not 1 <= l <= cfg.text_config.num_hidden_layers]
+        if bad:
+            raise SystemExit(f"--readout-layers {bad}: hidden_states 1..{cfg.text_config.num_hidden_layers}")
+        vocab = sorted({t for _, ans, kind, *_ in data.items if kind != "grounding" for t in ans})
+        readout_class = torch.full((cfg.text_config.vocab_size,), -100, dtype=torch.long)
+        readout_class[torch.tensor(vocab)] = torch.arange(len(vocab))
+        readout = torch.nn.ModuleDict({str(l): torch.nn.Linear(cfg.text_config.hidden_size, len(vocab))
+                                       for l in args.readout_layers})
+        for head in readout.values():  # starts at the uniform guess: no kick to the decoder on step 1
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
+        named += [("aux.readout." + n, p) for n, p in readout.named_parameters()]
+        print(f"[readout] VQA answer tokens ({len(vocab)} classes) read from hidden_states {args.readout_layers}")
     fast = lambda n: n.startswith("linear_") or n.startswith("aux.")  # noqa: E731 (projector + aux head)
     groups = []
     for is_fast in (False, True):
@@ -464,6 +489,8 @@ def main(argv=None) -> None:
         load_weights(s, proj, lm, aux)
         if box_head is not None and s.get("box") is not None:
             box_head.load_state_dict(s["box"])
+        if readout is not None and s.get("readout") is not None:
+            readout.load_state_dict(s["readout"])
         opt.load_state_dict(s["optimizer"])
         st = s["state"]
         set_rng_state(s["rng"])
@@ -501,6 +528,7 @@ def main(argv=None) -> None:
         st["elapsed"] = elapsed()
         save(ckpt, {"projector": proj.state_dict(), "aux": aux.state_dict() if aux is not None else None,
                     "box": box_head.state_dict() if box_head is not None else None,
+                    "readout": readout.state_dict() if readout is not None else None,
                     "vision_pos": vision_pos.detach().clone() if vision_pos is not None else None,
                     "language_model": lm.state_dict(), "optimizer": opt.state_dict(),
                     "state": dict(st), "rng": rng_state(), "args": vars(args), "config": cfg.to_dict()})
@@ -514,7 +542,8 @@ def main(argv=None) -> None:
     last_ckpt = time.perf_counter()
     order = data.order(args.seed, st["epoch"])
     log = {"loss": 0.0, "g_loss": 0.0, "g_n": 0, "v_loss": 0.0, "v_n": 0, "g_acc": 0, "v_acc": 0, "items": 0,
-           "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "box": 0.0, "t": time.perf_counter(), "steps": 0}
+           "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "box": 0.0, "ro": 0.0, "ro_acc": 0.0, "ro_n": 0,
+           "t": time.perf_counter(), "steps": 0}
     calib_t = None
     proj.train()
     lm.train()
@@ -540,9 +569,9 @@ def main(argv=None) -> None:
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
         use_attn = args.attn_sup > 0 and target_mask is not None and bool(target_mask.any())
-        logits, labels, lk, n, img, probs, hs = forward(proj, lm, prefix_ids, image_mask, b,
-                                                        attn_layers=tuple(args.attn_layer) if use_attn else (),
-                                                        vision_pos=vision_pos)
+        logits, labels, lk, n, img, probs, hs, *mid = forward(
+            proj, lm, prefix_ids, image_mask, b, attn_layers=tuple(args.attn_layer) if use_attn else (),
+            vision_pos=vision_pos, hidden_layers=tuple(args.readout_layers) if readout is not None else ())
         tok_loss = F.cross_entropy(logits.float(), labels, reduction="none")
         w_tok = torch.where(lk, 1.0, args.vqa_weight)
         loss = (tok_loss * w_tok).sum() / w_tok.sum()
@@ -571,6 +600,16 @@ def main(argv=None) -> None:
         if box_head is not None and bool(lk.any()):
             box_loss = F.l1_loss(torch.sigmoid(box_head(hs[lk])), row_box[lk])
             total_loss = total_loss + args.box_aux * box_loss
+        ro_loss, ro_hit, ro_n = torch.zeros(()), 0, 0
+        if readout is not None and bool((~lk).any()):
+            cls = readout_class[labels[~lk]]
+            for l, head in readout.items():
+                h_mid = mid[0][int(l)][~lk]  # the residual stream, un-normed: RMS-normalise it for the head
+                z = head(h_mid * torch.rsqrt(h_mid.pow(2).mean(-1, keepdim=True) + 1e-6))
+                ro_loss = ro_loss + F.cross_entropy(z, cls) / len(readout)
+                ro_hit += int((z.argmax(-1) == cls).sum())
+                ro_n += len(cls)
+            total_loss = total_loss + args.vqa_readout * ro_loss
         opt.zero_grad(set_to_none=True)
         total_loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], args.clip)
@@ -584,6 +623,9 @@ def main(argv=None) -> None:
             log["aux"] += aux_loss.item()
             log["attn"] += attn_mass
             log["box"] += box_loss.item()
+            log["ro"] += ro_loss.item()
+            log["ro_acc"] += ro_hit
+            log["ro_n"] += ro_n
             log["aux_acc"] += aux_acc
             log["g_loss"] += tok_loss[lk].sum().item()
             log["g_n"] += int(lk.sum())
@@ -608,7 +650,10 @@ def main(argv=None) -> None:
                   f"{log['g_acc'] / max(1, log['g_n']):.3f}, vqa {log['v_loss'] / max(1, log['v_n']):.4f} tok-acc "
                   f"{log['v_acc'] / max(1, log['v_n']):.3f}, aux {log['aux'] / log['steps']:.3f} colour-acc "
                   f"{log['aux_acc'] / log['steps']:.2f}, target attn {log['attn'] / log['steps']:.3f}, box L1 "
-                  f"{log['box'] / log['steps']:.3f}) | {log['items'] / dt:.2f} samples/s, "
+                  f"{log['box'] / log['steps']:.3f}"
+                  + (f", readout {log['ro'] / log['steps']:.3f} acc {log['ro_acc'] / max(1, log['ro_n']):.3f}"
+                     if readout is not None else "")
+                  + f") | {log['items'] / dt:.2f} samples/s, "
                   f"{dt / log['items']:.3f} s/sample, {dt / log['steps']:.2f} s/step | {st['samples']} samples, "
                   f"{elapsed() / 60:.1f} min", flush=True)
             log = {k: (0 if k != "t" else time.perf_counter()) for k in log}
