@@ -390,6 +390,10 @@ def main(argv=None) -> None:
                         "layers whose attention finds the asked-about shape carry its colour / count onward")
     p.add_argument("--readout-layers", type=int, nargs="+", default=[3, 5],
                    help="hidden_states indices for --vqa-readout (l = the output of decoder layer l - 1)")
+    p.add_argument("--readout-init", choices=["zero", "random"], default="zero",
+                   help="--vqa-readout heads start at zero (phase i) or at PyTorch's default random init: a zero head "
+                        "sends no answer-dependent gradient into the decoder until it has learned from what the "
+                        "hidden state already carries, a random one does from the first step")
     p.add_argument("--stop-step", type=int, help="checkpoint and stop at this step (the schedule keeps its horizon)")
     p.add_argument("--limit-images", type=int, help="use only the first N images (smoke tests)")
     p.add_argument("--check", action="store_true", help="verify shared-prefix == full-sequence logits, then exit")
@@ -468,9 +472,10 @@ def main(argv=None) -> None:
         readout_class[torch.tensor(vocab)] = torch.arange(len(vocab))
         readout = torch.nn.ModuleDict({str(l): torch.nn.Linear(cfg.text_config.hidden_size, len(vocab))
                                        for l in args.readout_layers})
-        for head in readout.values():  # starts at the uniform guess: no kick to the decoder on step 1
-            torch.nn.init.zeros_(head.weight)
-            torch.nn.init.zeros_(head.bias)
+        if args.readout_init == "zero":  # starts at the uniform guess: no kick to the decoder on step 1
+            for head in readout.values():
+                torch.nn.init.zeros_(head.weight)
+                torch.nn.init.zeros_(head.bias)
         named += [("aux.readout." + n, p) for n, p in readout.named_parameters()]
         print(f"[readout] VQA answer tokens ({len(vocab)} classes) read from hidden_states {args.readout_layers}")
     fast = lambda n: n.startswith("linear_") or n.startswith("aux.")  # noqa: E731 (projector + aux head)
