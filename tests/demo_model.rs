@@ -1,9 +1,9 @@
 //! The trained demo model (models/nuwa-demo) end to end through the real binary, on images no training item used
 //! (val2017 backgrounds). These check the model's behaviour, not the runtime's parity (tests/parity.rs does that on
 //! the fixtures). The bars sit below what was measured on the held-out set (README, results/nuwa-demo.md: grounding
-//! Acc@0.5 0.346 unpruned, 0.306 on the slice below) and above what earlier or broken weights reach (0.003 for the
-//! session-2 weights, 0.06 before the vision position table, 0.207 on the slice for phase g, the previous committed
-//! model). VQA is at the answer prior (0.36), so only its answer format is checked.
+//! Acc@0.5 0.351 unpruned, 0.322 on the slice below; phase h, the previous model, 0.306) and above what earlier or
+//! broken weights reach (0.003 for the session-2 weights, 0.06 before the vision position table, 0.207 on the slice
+//! for phase g). VQA is at the answer prior (0.37), so only its answer format is checked.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -88,6 +88,6 @@ fn held_out_accuracy_on_a_slice() {
     assert_eq!(v["grounding_no_box"].as_u64(), Some(0), "every grounding answer is a box: {v}");
     let g = v["grounding_acc"].as_f64().expect("grounding_acc");
     let iou = v["grounding_mean_iou"].as_f64().expect("grounding_mean_iou");
-    assert!(g >= 0.24, "grounding Acc@0.5 {g:.3} < 0.24 (measured 0.306; phase g 0.207): {v}");
-    assert!(iou >= 0.27, "grounding mean IoU {iou:.3} < 0.27 (measured 0.332; phase g 0.258): {v}");
+    assert!(g >= 0.24, "grounding Acc@0.5 {g:.3} < 0.24 (measured 0.322; phase g 0.207): {v}");
+    assert!(iou >= 0.27, "grounding mean IoU {iou:.3} < 0.27 (measured 0.326; phase g 0.258): {v}");
 }
