@@ -77,26 +77,16 @@ def main(argv=None) -> None:
         ids = list(range(start, start + 4))
         b, (_, target_mask, _) = data.batch(ids, proc.tokenizer.pad_token_id, vqa_targets=True)
         feats, owner, tok, rows, cols, *_ = b
-        emb = lm.model.embed_tokens
         with torch.no_grad():
-            pre = emb(prefix_ids).unsqueeze(0).expand(len(ids), -1, -1).clone()
-            pre[:, image_mask] = proj(feats if vp is None else feats + vp)
+            pre, _ = T.image_prefix(proj, lm, prefix_ids, image_mask, feats, vp)
             out = lm.model(inputs_embeds=pre, position_ids=torch.arange(P).unsqueeze(0).expand(len(ids), -1),
                            use_cache=True, output_hidden_states=True)
             cache = out.past_key_values
             cache.batch_select_indices(owner)
-            grabbed, hooks = {}, []
-            lm.config._attn_implementation = "eager"
-            for layer in args.attn_layers:
-                hooks.append(lm.model.layers[layer].self_attn.register_forward_hook(
-                    lambda _m, _i, o, layer=layer: grabbed.__setitem__(layer, o[1])))
-            try:
-                suf = lm.model(inputs_embeds=emb(tok), past_key_values=cache, output_hidden_states=True,
+            with T.attention_probs(lm, tuple(args.attn_layers)) as grabbed:
+                suf = lm.model(inputs_embeds=lm.model.embed_tokens(tok), past_key_values=cache,
+                               output_hidden_states=True,
                                position_ids=(P + torch.arange(tok.shape[1])).unsqueeze(0).expand(tok.shape[0], -1))
-            finally:
-                for hook in hooks:
-                    hook.remove()
-                lm.config._attn_implementation = "sdpa"
         items = [j for i in ids for j in data.images[i][2]]
         for m, j in enumerate(items):
             _, ans, kind, _, _, vsel = data.items[j]

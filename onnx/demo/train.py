@@ -29,6 +29,7 @@ time) every --ckpt-minutes and on SIGTERM / SIGINT, written atomically; --resume
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -258,6 +259,35 @@ def load_weights(s: dict, proj, lm, aux=None) -> None:
         aux.load_state_dict(s["aux"])
 
 
+def image_prefix(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, feats: torch.Tensor,
+                 vision_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input embeddings of the shared prefix for each image [B, P, H], projected image tokens [B, 576, H])."""
+    img = proj(feats if vision_pos is None else feats + vision_pos)
+    pre = lm.model.embed_tokens(prefix_ids).unsqueeze(0).expand(feats.shape[0], -1, -1).clone()
+    pre[:, image_mask] = img
+    return pre, img
+
+
+@contextlib.contextmanager
+def attention_probs(lm, layers: tuple[int, ...]):
+    """Inside the block the decoder runs eager attention and the yielded dict collects {layer: probabilities
+    [batch, heads, queries, keys]} of every forward pass through `layers` (the last pass wins); with no layers,
+    nothing changes."""
+    grabbed, hooks = {}, []
+    if layers:
+        lm.config._attn_implementation = "eager"
+        for layer in layers:
+            hooks.append(lm.model.layers[layer].self_attn.register_forward_hook(
+                lambda _m, _i, out, layer=layer: grabbed.__setitem__(layer, out[1])))
+    try:
+        yield grabbed
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if layers:
+            lm.config._attn_implementation = "sdpa"
+
+
 def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch, attn_layers: tuple[int, ...] = (),
             vision_pos: torch.Tensor | None = None, hidden_layers: tuple[int, ...] = ()):
     """Returns (logits at answer positions [T, V], labels [T], grounding mask [T], n_items, projected image tokens,
@@ -266,29 +296,16 @@ def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch,
     {l: hidden_states[l] at the answer positions [T, H]} (hidden_states[l] = the output of layer l - 1)."""
     feats, owner, ids, rows, cols, labels, lk, n = batch
     B, P = feats.shape[0], prefix_ids.shape[0]
-    emb = lm.model.embed_tokens
-    img = proj(feats if vision_pos is None else feats + vision_pos)  # [B, 576, H]
-    pre = emb(prefix_ids).unsqueeze(0).expand(B, -1, -1).clone()
-    pre[:, image_mask] = img
+    pre, img = image_prefix(proj, lm, prefix_ids, image_mask, feats, vision_pos)
     out = lm.model(inputs_embeds=pre, position_ids=torch.arange(P).unsqueeze(0).expand(B, -1), use_cache=True)
     cache = out.past_key_values
     cache.batch_select_indices(owner)
     S = ids.shape[1]
-    grabbed, hooks = {}, []
-    if attn_layers:  # eager attention for the suffix pass only, to read the probabilities
-        lm.config._attn_implementation = "eager"
-        for layer in attn_layers:
-            hooks.append(lm.model.layers[layer].self_attn.register_forward_hook(
-                lambda _m, _i, out, layer=layer: grabbed.__setitem__(layer, out[1])))
-    try:
-        o = lm.model(inputs_embeds=emb(ids), past_key_values=cache, output_hidden_states=bool(hidden_layers),
+    with attention_probs(lm, attn_layers) as grabbed:  # eager attention for the suffix pass only
+        o = lm.model(inputs_embeds=lm.model.embed_tokens(ids), past_key_values=cache,
+                     output_hidden_states=bool(hidden_layers),
                      position_ids=(P + torch.arange(S)).unsqueeze(0).expand(ids.shape[0], -1))
-        h = o.last_hidden_state
-    finally:
-        for hook in hooks:
-            hook.remove()
-        lm.config._attn_implementation = "sdpa"
-    hs = h[rows, cols]
+    hs = o.last_hidden_state[rows, cols]
     logits = lm.lm_head(hs)
     if hidden_layers:
         return logits, labels, lk, n, img, grabbed, hs, {l: o.hidden_states[l][rows, cols] for l in hidden_layers}
