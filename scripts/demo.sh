@@ -8,8 +8,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup-ort.sh >&2
 cargo build --release --quiet
 model="${MODEL:-models/nuwa-demo}"
-image="${IMAGE:-examples/shapes-three-squares.jpg}"
-prompt="${PROMPT:-Please provide the bounding box coordinate of the region this sentence describes: the square right of the white square.}"
+image="${IMAGE:-examples/shapes-two-stars.jpg}"
+prompt="${PROMPT:-Please provide the bounding box coordinate of the region this sentence describes: the star right of the white star.}"
 mkdir -p out
 # Nüwa pruning at budget 64 (PRUNE="--prune none" to switch it off).
 # shellcheck disable=SC2086
