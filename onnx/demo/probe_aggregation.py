@@ -21,28 +21,33 @@ import argparse
 import json
 import math
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from make_data import norm_box  # noqa: E402
 KINDS = ["photo", "padding", "other shape", "target"]
 
 
 def cell_labels(scene: dict, target: int, grid: int) -> np.ndarray:
-    """0 photo, 1 padding, 2 another shape, 3 the target, by each cell's centre (pad policy: centred square)."""
+    """0 photo, 1 padding, 2 another shape, 3 the target, by each cell's centre in the padded square (make_data's
+    norm_box mapping; the centre rule is the runtime's "target cells kept")."""
     w, h = scene["width"], scene["height"]
-    side = max(w, h)
-    ox, oy = (side - w) / 2, (side - h) / 2
+    photo = norm_box((0, 0, w, h), w, h)
+    boxes = [norm_box(s["bbox"], w, h) for s in scene["shapes"]]
     lab = np.zeros(grid * grid, int)
     for k in range(grid * grid):
         r, c = divmod(k, grid)
-        x, y = (c + 0.5) * side / grid - ox, (r + 0.5) * side / grid - oy
-        if not (0 <= x < w and 0 <= y < h):
+        x, y = (c + 0.5) / grid, (r + 0.5) / grid
+        if not (photo[0] <= x < photo[2] and photo[1] <= y < photo[3]):
             lab[k] = 1
             continue
-        for si, s in enumerate(scene["shapes"]):
-            x1, y1, x2, y2 = s["bbox"]
+        for si, (x1, y1, x2, y2) in enumerate(boxes):
             if x1 <= x <= x2 and y1 <= y <= y2:
                 lab[k] = 3 if si == target else max(lab[k], 2)
     return lab
@@ -56,8 +61,10 @@ def main() -> None:
     p.add_argument("--nuwa", type=Path, default=ROOT / "target/release/nuwa")
     p.add_argument("--n", type=int, default=40, help="images (the first grounding item of each)")
     p.add_argument("--budget", default="64")
-    p.add_argument("--work", type=Path, default=Path("/tmp/nuwa-probe-aggregation"))
+    p.add_argument("--work", type=Path, help="keep the dumps here (default: a temporary directory, removed)")
     args = p.parse_args()
+    tmp = tempfile.TemporaryDirectory(prefix="nuwa-probe-aggregation-")  # removed at exit
+    work = args.work or Path(tmp.name)
 
     scenes_path = args.scenes or args.data.with_name(args.data.name.replace(".jsonl", ".scenes.jsonl"))
     scenes = {s["image"]: s for s in map(json.loads, scenes_path.read_text().splitlines())}
@@ -73,12 +80,13 @@ def main() -> None:
     pillars, collectors, cells = np.zeros(4, int), np.zeros(4, int), np.zeros(4, int)
     pairwise_cos, max_err = [], 0.0
     for n, it in enumerate(chosen):
-        d = args.work / f"b{args.budget}-{n}"
-        if not (d / "index.json").exists():
-            subprocess.run([str(args.nuwa), "run", "--model", str(args.model), "--image",
-                            str(args.data.parent / it["image"]), "--prompt", it["prompt"], "--prune", "nuwa",
-                            "--budget", args.budget, "--dump", str(d), "--max-tokens", "1"],
-                           check=True, capture_output=True)
+        d = work / f"b{args.budget}-{n}"  # always dumped afresh: never a dump of another model read back
+        run = subprocess.run([str(args.nuwa), "run", "--model", str(args.model), "--image",
+                              str(args.data.parent / it["image"]), "--prompt", it["prompt"], "--prune", "nuwa",
+                              "--budget", args.budget, "--dump", str(d), "--max-tokens", "1"],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f"nuwa run failed on {it['image']}: {run.stderr.strip()}")
         feats = np.load(d / "vision_features.npy").astype(np.float64)
         sim = np.load(d / "vision_similarity.npy").astype(np.float64)
         kept, pillar = np.load(d / "stage1_kept.npy"), np.load(d / "stage1_pillar.npy").astype(bool)
