@@ -375,6 +375,9 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt-minutes", type=float, default=10.0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--init", type=Path, help="start from the weights of this checkpoint (new optimiser / schedule)")
+    p.add_argument("--init-aux", action="store_true",
+                   help="with --init, also take the training-only heads (patch readout, box readout) from the "
+                        "checkpoint where it has them, instead of starting them afresh")
     p.add_argument("--projector-lr-mult", type=float, default=1.0, help="lr multiplier of the projector (+ aux head)")
     p.add_argument("--aux", type=float, default=0.5, help="weight of the auxiliary patch loss (0: off)")
     p.add_argument("--aux-obj-weight", type=float, default=5.0, help="weight of object patches in the readout")
@@ -522,9 +525,17 @@ def main(argv=None) -> None:
         print(f"[resume] no {ckpt}: starting fresh")
     elif args.init:
         s = src
-        load_weights(s, proj, lm)  # the aux head starts fresh
+        taken = []
+        if args.init_aux:
+            load_weights(s, proj, lm, aux)
+            taken += ["aux"] if aux is not None and s.get("aux") is not None else []
+            if box_head is not None and s.get("box") is not None:
+                box_head.load_state_dict(s["box"])
+                taken.append("box")
+        else:
+            load_weights(s, proj, lm)  # the aux heads start fresh
         print(f"[init] weights from {args.init} (step {s['state']['step']}, {s['state']['samples']} samples); "
-              "new optimiser and schedule")
+              f"new optimiser and schedule; training-only heads taken: {', '.join(taken) or 'none'}")
     if st["total_steps"] is None:
         cands = []
         if args.max_steps:
