@@ -9,7 +9,7 @@ scripts/setup-ort.sh >&2
 cargo build --release --quiet
 model="${MODEL:-models/nuwa-demo}"
 image="${IMAGE:-examples/shapes-two-stars.jpg}"
-prompt="${PROMPT:-Please provide the bounding box coordinate of the region this sentence describes: the star right of the white star.}"
+prompt="${PROMPT:-Please provide the bounding box coordinate of the region this sentence describes: the star above the orange star.}"
 mkdir -p out
 # Nüwa pruning at budget 64 (PRUNE="--prune none" to switch it off).
 # shellcheck disable=SC2086
