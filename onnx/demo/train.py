@@ -418,6 +418,8 @@ def main(argv=None) -> None:
     p.add_argument("--limit-images", type=int, help="use only the first N images (smoke tests)")
     p.add_argument("--check", action="store_true", help="verify shared-prefix == full-sequence logits, then exit")
     args = p.parse_args(argv)
+    if args.init_aux and not args.init:
+        p.error("--init-aux goes with --init (a --resume run takes every head from its own checkpoint)")
     torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
