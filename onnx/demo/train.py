@@ -57,10 +57,19 @@ class Data:
     epoch (oversampling a small curriculum set)."""
 
     def __init__(self, roots: list[Path], rule: dc.PromptRule, limit_images: int | None = None,
-                 repeats: list[int] | None = None):
+                 repeats: list[int] | None = None, kinds: tuple[str, ...] = ("grounding", "vqa")):
+        self.kinds = kinds
         self.feats, self.labels, self.instances, self.images = [], [], [], []  # images: (shard, local, [item ids])
-        # (suffix ids, answer ids, kind, target shape index or -1, normalised box or None, VQA selector or None)
+        # (suffix ids, answer ids, kind, target shape index or -1, normalised box or None, VQA selector or None,
+        #  [(suffix position, "shape" | "colour", index)] of the shape and colour words the prompt says)
         self.items = []
+        self.words = {}  # token id -> ("shape" | "colour", index), singular and plural shape words
+        for k, name in enumerate(make_data.SHAPES):
+            for w in (name, make_data.PLURAL[name]):
+                self.words[rule.tk.encode(" " + w, add_special_tokens=False).ids[0]] = ("shape", k)
+        for c, name in enumerate(make_data.COLORS):
+            self.words[rule.tk.encode(" " + name, add_special_tokens=False).ids[0]] = ("colour", c)
+        self.dot_id = rule.tk.encode(".", add_special_tokens=False).ids[0]
         self.prefix = None
         for r, root in enumerate(roots):
             first = len(self.images)
@@ -87,6 +96,8 @@ class Data:
             by_img: dict[int, list[int]] = {}
             for line in (d / "items.jsonl").read_text().splitlines():
                 it = json.loads(line)
+                if it["kind"] not in self.kinds:
+                    continue
                 ids = rule.ids(it["prompt"])
                 if prefix is None:
                     last = max(i for i, t in enumerate(ids) if t == rule.image_token_id)
@@ -95,9 +106,11 @@ class Data:
                     raise SystemExit(f"item {it} does not share the image prefix")
                 by_img.setdefault(it["local"], []).append(len(self.items))
                 g = it["kind"] == "grounding"
-                self.items.append((ids[len(prefix):], rule.answer_ids(it["answer"]), it["kind"],
+                suffix = ids[len(prefix):]
+                self.items.append((suffix, rule.answer_ids(it["answer"]), it["kind"],
                                    it.get("target", -1) if g else -1, json.loads(it["answer"]) if g else None,
-                                   None if g else vqa_selector(it)))
+                                   None if g else vqa_selector(it),
+                                   [(t, *self.words[x]) for t, x in enumerate(suffix) if x in self.words]))
             for local in sorted(by_img):
                 self.images.append((base + k, local, by_img[local]))
             if limit_images and len(self.images) - first >= limit_images:
@@ -122,7 +135,7 @@ class Data:
         owner, seqs, tgts, kinds, targets, boxes, vsels = [], [], [], [], [], [], []
         for b, i in enumerate(img_ids):
             for j in self.images[i][2]:
-                suf, ans, kind, target, box, vsel = self.items[j]
+                suf, ans, kind, target, box, vsel, _ = self.items[j]
                 vsels.append(vsel)
                 boxes.append(box if box is not None else [0.0] * 4)
                 targets.append(target)
@@ -132,12 +145,16 @@ class Data:
                 kinds.append(kind)
         S = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
-        rows, cols, labels, lk, row_box = [], [], [], [], []
+        rows, cols, labels, lk, row_box, early = [], [], [], [], [], []
         for m, (s, (start, ans)) in enumerate(zip(seqs, tgts)):
             ids[m, :len(s)] = torch.tensor(s)
+            # the positions whose context holds no coordinate yet: a box's " [", "0", "." and the one predicting
+            # its first digit (teacher forcing shows every later position where the box is); a VQA answer: all
+            last_early = ans.index(self.dot_id) + 1 if kinds[m] == "grounding" and self.dot_id in ans else len(ans)
             for t, a in enumerate(ans):
                 rows.append(m)
                 cols.append(start + t)
+                early.append(t <= last_early)
                 labels.append(a)
                 lk.append(1 if kinds[m] == "grounding" else 0)
                 row_box.append(boxes[m])
@@ -153,8 +170,26 @@ class Data:
                     if vsel is not None:
                         c, k = vsel
                         target_mask[m] = (lab[m] > 0) & (shape[m] == k) & ((colour[m] == c) if c >= 0 else True)
+        # word alignment in the decoder: every shape / colour word of a prompt and the patches it names (every shape
+        # of that kind, every shape of that colour); words naming nothing in the image are left out
+        words = None
+        if patch_labels is not None:
+            w_rows, w_cols, w_masks = [], [], []
+            item_ids = [j for i in img_ids for j in self.images[i][2]]
+            for m, j in enumerate(item_ids):
+                lab = patch_labels[owner[m]]
+                colour, shape = (lab - 1) // len(make_data.SHAPES), (lab - 1) % len(make_data.SHAPES)
+                for t, what, idx in self.items[j][6]:
+                    mask = (lab > 0) & ((shape == idx) if what == "shape" else (colour == idx))
+                    if bool(mask.any()):
+                        w_rows.append(m)
+                        w_cols.append(t)
+                        w_masks.append(mask)
+            if w_rows:
+                words = (torch.tensor(w_rows), torch.tensor(w_cols), torch.stack(w_masks))
         return (feats, torch.tensor(owner), ids, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels),
-                torch.tensor(lk, dtype=torch.bool), len(seqs)), (patch_labels, target_mask, torch.tensor(row_box))
+                torch.tensor(lk, dtype=torch.bool), len(seqs)), (patch_labels, target_mask, torch.tensor(row_box),
+                                                                 words, torch.tensor(early))
 
 
 def vqa_selector(it: dict) -> tuple[int, int] | None:
@@ -392,6 +427,11 @@ def main(argv=None) -> None:
                    help="--attn-sup averages each item's answer positions first, then the items: a VQA answer (1-2 "
                         "tokens) and a box (25) count alike, and so does the last prompt token, which is the position "
                         "Stage 2 / FastV select with (default: every answer position counts once)")
+    p.add_argument("--attn-early", action="store_true",
+                   help="--attn-sup only at the answer positions whose context holds no coordinate yet (a box's ' [', "
+                        "'0', '.' and the position predicting its first digit; every VQA answer position): later box "
+                        "positions can find the target from the digits already given, which the teacher-forced "
+                        "loss shows them, instead of from the expression")
     p.add_argument("--attn-layer", type=int, nargs="+", default=[5],
                    help="decoder layer(s) of --attn-sup (default: the last; several: the loss is their mean)")
     p.add_argument("--box-aux", type=float, default=0.0,
@@ -414,6 +454,14 @@ def main(argv=None) -> None:
                    help="--vqa-readout heads start at zero (phase i) or at PyTorch's default random init: a zero head "
                         "sends no answer-dependent gradient into the decoder until it has learned from what the "
                         "hidden state already carries, a random one does from the first step")
+    p.add_argument("--word-attn", type=float, default=0.0,
+                   help="weight of word-to-patch attention supervision: at --word-attn-layer, head --word-attn-head "
+                        "of every shape / colour word of a prompt (' triangle', ' red') should attend to the patches "
+                        "of the shapes it names, so the decoder learns to match words to appearance (0: off)")
+    p.add_argument("--word-attn-layer", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--word-attn-head", type=int, default=0)
+    p.add_argument("--kinds", nargs="+", choices=["grounding", "vqa"], default=["grounding", "vqa"],
+                   help="train on these item kinds only (default both; one kind isolates a task for a diagnosis)")
     p.add_argument("--stop-step", type=int, help="checkpoint and stop at this step (the schedule keeps its horizon)")
     p.add_argument("--limit-images", type=int, help="use only the first N images (smoke tests)")
     p.add_argument("--check", action="store_true", help="verify shared-prefix == full-sequence logits, then exit")
@@ -431,7 +479,7 @@ def main(argv=None) -> None:
     if not (out / "processor").exists():
         shutil.copytree(args.data[0] / "processor", out / "processor")
     rule = dc.PromptRule(processor)
-    data = Data(args.data, rule, args.limit_images, args.repeat)
+    data = Data(args.data, rule, args.limit_images, args.repeat, tuple(args.kinds))
     torch.manual_seed(args.seed)
     cfg, proj, lm = build(processor)
     prefix_ids = torch.tensor(data.prefix)
@@ -455,6 +503,12 @@ def main(argv=None) -> None:
     bad = [l for l in args.attn_layer if not 0 <= l < cfg.text_config.num_hidden_layers]
     if bad:
         raise SystemExit(f"--attn-layer {bad}: the decoder has layers 0..{cfg.text_config.num_hidden_layers - 1}")
+    bad = [l for l in args.word_attn_layer if not 0 <= l < cfg.text_config.num_hidden_layers]
+    if bad:
+        raise SystemExit(f"--word-attn-layer {bad}: the decoder has layers 0..{cfg.text_config.num_hidden_layers - 1}")
+    if not 0 <= args.word_attn_head < cfg.text_config.num_attention_heads:
+        raise SystemExit(f"--word-attn-head {args.word_attn_head}: the decoder has heads "
+                         f"0..{cfg.text_config.num_attention_heads - 1}")
     aux = None
     if args.aux > 0:
         word = lambda w: rule.tk.encode(" " + w, add_special_tokens=False).ids[0]  # noqa: E731 (all single tokens)
@@ -577,7 +631,7 @@ def main(argv=None) -> None:
     last_ckpt = time.perf_counter()
     order = data.order(args.seed, st["epoch"])
     log = {"loss": 0.0, "g_loss": 0.0, "g_n": 0, "v_loss": 0.0, "v_n": 0, "g_acc": 0, "v_acc": 0, "items": 0,
-           "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "box": 0.0, "ro": 0.0, "ro_acc": 0.0, "ro_n": 0,
+           "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "word": 0.0, "box": 0.0, "ro": 0.0, "ro_acc": 0.0, "ro_n": 0,
            "t": time.perf_counter(), "steps": 0}
     calib_t = None
     proj.train()
@@ -598,14 +652,16 @@ def main(argv=None) -> None:
             st["pos"] = 0
             order = data.order(args.seed, st["epoch"])
         ids = order[st["pos"]:st["pos"] + args.batch_images].tolist()
-        b, (patch_labels, target_mask, row_box) = data.batch(ids, pad_id, vqa_targets=args.attn_sup_vqa)
+        b, (patch_labels, target_mask, row_box, words, early) = data.batch(ids, pad_id, vqa_targets=args.attn_sup_vqa)
         total_for_lr = st["total_steps"] or 10 ** 9
         lr = lr_at(st["step"], total_for_lr, args)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
         use_attn = args.attn_sup > 0 and target_mask is not None and bool(target_mask.any())
+        use_words = args.word_attn > 0 and words is not None
+        grab = sorted(set(args.attn_layer if use_attn else []) | set(args.word_attn_layer if use_words else []))
         logits, labels, lk, n, img, probs, hs, *mid = forward(
-            proj, lm, prefix_ids, image_mask, b, attn_layers=tuple(args.attn_layer) if use_attn else (),
+            proj, lm, prefix_ids, image_mask, b, attn_layers=tuple(grab),
             vision_pos=vision_pos, hidden_layers=tuple(args.readout_layers) if readout is not None else ())
         tok_loss = F.cross_entropy(logits.float(), labels, reduction="none")
         w_tok = torch.where(lk, 1.0, args.vqa_weight)
@@ -618,6 +674,8 @@ def main(argv=None) -> None:
             # --attn-sup-vqa) on the target's patches
             rows_t, cols_t = b[3], b[4]
             sel = target_mask[rows_t].any(1)
+            if args.attn_early:
+                sel = sel & early
             img_keys = torch.nonzero(image_mask).squeeze(1)
             if args.attn_per_item:  # weight 1 / (answer positions of its item), normalised over the items
                 per_row = torch.bincount(rows_t[sel], minlength=target_mask.shape[0]).float()
@@ -625,12 +683,22 @@ def main(argv=None) -> None:
                 w_pos = w_pos / w_pos.sum()
             else:
                 w_pos = torch.full((int(sel.sum()),), 1.0 / int(sel.sum()))
-            for layer_probs in probs.values():
+            for layer_probs in (probs[l] for l in args.attn_layer):
                 pm = layer_probs.mean(1)[rows_t[sel], cols_t[sel]][:, img_keys]  # [T', 576]
                 mass = (pm * target_mask[rows_t[sel]]).sum(1)
-                attn_loss = attn_loss - ((mass + 1e-6).log() * w_pos).sum() / len(probs)
-                attn_mass += (mass * w_pos).sum().item() / len(probs)
+                attn_loss = attn_loss - ((mass + 1e-6).log() * w_pos).sum() / len(args.attn_layer)
+                attn_mass += (mass * w_pos).sum().item() / len(args.attn_layer)
             total_loss = total_loss + args.attn_sup * attn_loss
+        word_loss, word_mass = torch.zeros(()), 0.0
+        if use_words:
+            w_rows, w_cols, w_masks = words
+            img_keys = torch.nonzero(image_mask).squeeze(1)
+            for l in args.word_attn_layer:
+                pw = probs[l][w_rows, args.word_attn_head, w_cols][:, img_keys]  # [words, 576]
+                mass = (pw * w_masks).sum(1)
+                word_loss = word_loss - (mass + 1e-6).log().mean() / len(args.word_attn_layer)
+                word_mass += mass.mean().item() / len(args.word_attn_layer)
+            total_loss = total_loss + args.word_attn * word_loss
         box_loss = torch.zeros(())
         if box_head is not None and bool(lk.any()):
             box_loss = F.l1_loss(torch.sigmoid(box_head(hs[lk])), row_box[lk])
@@ -657,6 +725,7 @@ def main(argv=None) -> None:
             log["loss"] += loss.item()
             log["aux"] += aux_loss.item()
             log["attn"] += attn_mass
+            log["word"] += word_mass
             log["box"] += box_loss.item()
             log["ro"] += ro_loss.item()
             log["ro_acc"] += ro_hit
@@ -686,6 +755,7 @@ def main(argv=None) -> None:
                   f"{log['v_acc'] / max(1, log['v_n']):.3f}, aux {log['aux'] / log['steps']:.3f} colour-acc "
                   f"{log['aux_acc'] / log['steps']:.2f}, target attn {log['attn'] / log['steps']:.3f}, box L1 "
                   f"{log['box'] / log['steps']:.3f}"
+                  + (f", word attn {log['word'] / log['steps']:.3f}" if args.word_attn > 0 else "")
                   + (f", readout {log['ro'] / log['steps']:.3f} acc {log['ro_acc'] / max(1, log['ro_n']):.3f}"
                      if readout is not None else "")
                   + f") | {log['items'] / dt:.2f} samples/s, "

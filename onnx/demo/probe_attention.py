@@ -1,0 +1,108 @@
+"""Diagnostic: where does a checkpoint's answer look on the held-out set, before any coordinate is given?
+
+  .venv/bin/python onnx/demo/probe_attention.py --ckpt .cache/demo-ckpt-k/last.pt --images 100
+
+Not part of the model. For the grounding items of the first --images held-out images (data/heldout), the decoder
+(train.py's checkpoint, PyTorch) runs the whole prompt with the true answer teacher-forced, and the head-mean
+attention of the first --positions answer positions (default 4: the positions predicting a box's " [", "0", "." and
+first digit, whose context holds no coordinate yet) at --layers is split into the mass on the target shape's
+patches and the mass on the other shapes' patches (patch centre inside the shape's box, in the padded square the
+processor makes). Printed per expression type and layer. With --positions 0 every answer position counts: later box
+positions see the digits already given, so they can find the target without reading the expression.
+
+Vision features come from the raw tower graph prepare_train.py used (.cache/dinov2-336/vision.int8.onnx) plus the
+checkpoint's vision position table, the same input the model trained on.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import demo_common as dc  # noqa: E402
+import train as T  # noqa: E402
+
+HELDOUT = dc.REPO / "data" / "heldout"
+
+
+def box_patches(bbox, width: int, height: int, grid: int) -> torch.Tensor:
+    """[grid*grid] bool: patches whose centre lies in `bbox` (original pixels) after padding to a square."""
+    side = max(width, height)
+    ox, oy = (side - width) / 2, (side - height) / 2
+    c = (np.arange(grid) + 0.5) * side / grid
+    mx = (c >= bbox[0] + ox) & (c <= bbox[2] + ox)
+    my = (c >= bbox[1] + oy) & (c <= bbox[3] + oy)
+    return torch.from_numpy((my[:, None] & mx[None, :]).reshape(-1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", type=Path, required=True, help="train.py checkpoint (last.pt)")
+    p.add_argument("--processor", type=Path, default=dc.CACHE / "demo-train-big3" / "processor")
+    p.add_argument("--vision", type=Path, default=dc.VISION_336 / "vision.int8.onnx")
+    p.add_argument("--images", type=int, default=100)
+    p.add_argument("--positions", type=int, default=4, help="first N answer positions (0: all)")
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4, 5])
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    for f in (args.ckpt, args.vision, args.processor):
+        if not f.exists():
+            raise SystemExit(f"{f} missing (see onnx/demo/README.md)")
+    proc = dc.load_processor(args.processor)
+    rule = dc.PromptRule(proc)
+    cfg, proj, lm = T.build(proc)
+    s = torch.load(args.ckpt, weights_only=False)
+    T.load_weights(s, proj, lm)
+    pos = s.get("vision_pos")
+    lm.eval()
+    sess = dc.ort_session(args.vision, args.threads)
+    grid = int(round(dc.N_IMAGE_TOKENS ** 0.5))
+    items = [json.loads(line) for line in (HELDOUT / "heldout.jsonl").read_text().splitlines()]
+    scenes = {s_["image"]: s_ for s_ in map(json.loads, (HELDOUT / "heldout.scenes.jsonl").read_text().splitlines())}
+    by_img = collections.defaultdict(list)
+    for it in items:
+        if it["kind"] == "grounding":
+            by_img[it["image"]].append(it)
+    acc = collections.defaultdict(lambda: np.zeros(3))
+    for rel in sorted(by_img)[:args.images]:
+        sc = scenes[rel]
+        img = Image.open(HELDOUT / rel).convert("RGB")
+        pv = proc.image_processor(images=img, return_tensors="np")["pixel_values"].astype(np.float32)
+        feats = torch.from_numpy(sess.run(["features"], {"pixel_values": pv})[0][0])
+        masks = [box_patches(x["bbox"], sc["width"], sc["height"], grid) for x in sc["shapes"]]
+        for it in by_img[rel]:
+            ids, ans = rule.ids(it["prompt"]), rule.answer_ids(it["answer"])
+            img_pos = torch.tensor([i for i, t in enumerate(ids) if t == rule.image_token_id])
+            x = torch.tensor(ids + ans[:-1])
+            with torch.no_grad():
+                e = lm.model.embed_tokens(x).clone()
+                e[img_pos] = proj(feats if pos is None else feats + pos)
+                with T.attention_probs(lm, tuple(args.layers)) as probs:
+                    lm.model(inputs_embeds=e[None], position_ids=torch.arange(len(x))[None])
+            n = args.positions or len(ans)
+            q = torch.arange(len(ids) - 1, len(ids) - 1 + n)
+            target = masks[it["target"]]
+            other = torch.zeros_like(target)
+            for k, m in enumerate(masks):
+                if k != it["target"]:
+                    other |= m & ~target
+            for layer in args.layers:
+                pm = probs[layer][0].mean(0)[q][:, img_pos]
+                acc[(it["qtype"], layer)] += [pm[:, target].sum(1).mean().item(), pm[:, other].sum(1).mean().item(), 1]
+    print(f"{args.ckpt}: {args.images} held-out images, first {args.positions or 'all'} answer positions")
+    for (qtype, layer), (t, o, n) in sorted(acc.items()):
+        print(f"{qtype:9s} layer {layer}: attention on the target {t / n:.3f}, on the other shapes {o / n:.3f} "
+              f"({int(n)} items)")
+
+
+if __name__ == "__main__":
+    main()
