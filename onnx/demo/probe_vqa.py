@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     n = len(data.images) - len(data.images) % 4
     for start in range(max(0, n - args.images), n, 4):
         ids = list(range(start, start + 4))
-        b, (_, target_mask, _) = data.batch(ids, proc.tokenizer.pad_token_id, vqa_targets=True)
+        b, (_, target_mask, *_) = data.batch(ids, proc.tokenizer.pad_token_id, vqa_targets=True)
         feats, owner, tok, rows, cols, *_ = b
         with torch.no_grad():
             pre, _ = T.image_prefix(proj, lm, prefix_ids, image_mask, feats, vp)
@@ -89,7 +89,7 @@ def main(argv=None) -> None:
                                position_ids=(P + torch.arange(tok.shape[1])).unsqueeze(0).expand(tok.shape[0], -1))
         items = [j for i in ids for j in data.images[i][2]]
         for m, j in enumerate(items):
-            _, ans, kind, _, _, vsel = data.items[j]
+            _, ans, kind, _, _, vsel, _ = data.items[j]
             word = rule.tk.decode(ans[:1]).strip()
             if kind == "grounding" or vsel is None or word not in colours or not bool(target_mask[m].any()):
                 continue
