@@ -540,6 +540,8 @@ def main(argv=None) -> None:
         named += [("aux.box." + n, p) for n, p in box_head.named_parameters()]
     readout, readout_class = None, None
     if args.vqa_readout > 0:
+        if "vqa" not in args.kinds:
+            raise SystemExit("--vqa-readout reads VQA answers: it needs --kinds to include vqa")
         bad = [l for l in args.readout_layers if not 1 <= l <= cfg.text_config.num_hidden_layers]
         if bad:
             raise SystemExit(f"--readout-layers {bad}: hidden_states 1..{cfg.text_config.num_hidden_layers}")
@@ -657,7 +659,8 @@ def main(argv=None) -> None:
         lr = lr_at(st["step"], total_for_lr, args)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
-        use_attn = args.attn_sup > 0 and target_mask is not None and bool(target_mask.any())
+        use_attn = (args.attn_sup > 0 and target_mask is not None  # some supervised position has a target
+                    and bool((target_mask[b[3]].any(1) & (early if args.attn_early else True)).any()))
         use_words = args.word_attn > 0 and words is not None
         grab = sorted(set(args.attn_layer if use_attn else []) | set(args.word_attn_layer if use_words else []))
         logits, labels, lk, n, img, probs, hs, *mid = forward(
