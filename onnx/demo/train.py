@@ -66,9 +66,9 @@ class Data:
         self.words = {}  # token id -> ("shape" | "colour", index), singular and plural shape words
         for k, name in enumerate(make_data.SHAPES):
             for w in (name, make_data.PLURAL[name]):
-                self.words[rule.tk.encode(" " + w, add_special_tokens=False).ids[0]] = ("shape", k)
+                self.words[word_id(rule, w)] = ("shape", k)
         for c, name in enumerate(make_data.COLORS):
-            self.words[rule.tk.encode(" " + name, add_special_tokens=False).ids[0]] = ("colour", c)
+            self.words[word_id(rule, name)] = ("colour", c)
         self.dot_id = rule.tk.encode(".", add_special_tokens=False).ids[0]
         self.prefix = None
         for r, root in enumerate(roots):
@@ -123,7 +123,7 @@ class Data:
     def order(self, seed: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([seed, epoch]).permutation(len(self.images))
 
-    def batch(self, img_ids, pad_id: int, vqa_targets: bool = False):
+    def batch(self, img_ids, pad_id: int, vqa_targets: bool = False, word_targets: bool = False):
         feats = torch.from_numpy(np.stack([self.feats[self.images[i][0]][self.images[i][1]] for i in img_ids])
                                  .astype(np.float32))
         labs = [self.labels[self.images[i][0]] for i in img_ids]
@@ -132,11 +132,12 @@ class Data:
         insts = [self.instances[self.images[i][0]] for i in img_ids]
         inst = (torch.from_numpy(np.stack([a[self.images[i][1]] for a, i in zip(insts, img_ids)]).astype(np.int64))
                 if all(a is not None for a in insts) else None)
-        owner, seqs, tgts, kinds, targets, boxes, vsels = [], [], [], [], [], [], []
+        owner, seqs, tgts, kinds, targets, boxes, vsels, said = [], [], [], [], [], [], [], []
         for b, i in enumerate(img_ids):
             for j in self.images[i][2]:
-                suf, ans, kind, target, box, vsel, _ = self.items[j]
+                suf, ans, kind, target, box, vsel, spoken = self.items[j]
                 vsels.append(vsel)
+                said.append(spoken)
                 boxes.append(box if box is not None else [0.0] * 4)
                 targets.append(target)
                 owner.append(b)
@@ -158,14 +159,17 @@ class Data:
                 labels.append(a)
                 lk.append(1 if kinds[m] == "grounding" else 0)
                 row_box.append(boxes[m])
+        # each item's patch labels decoded into colour and shape index (valid where lab > 0): [M, 576]
+        lab = colour = shape = None
+        if patch_labels is not None and (vqa_targets or word_targets):
+            lab = patch_labels[torch.tensor(owner)]
+            colour, shape = (lab - 1) // len(make_data.SHAPES), (lab - 1) % len(make_data.SHAPES)
         # target patches per item (grounding items whose shard has instance maps): [M, 576] bool
         target_mask = None
         if inst is not None:
             t = torch.tensor(targets)
             target_mask = (inst[torch.tensor(owner)] == (t + 1)[:, None]) & (t >= 0)[:, None]
-            if patch_labels is not None and vqa_targets:  # VQA items: the patches of the shapes asked about
-                lab = patch_labels[torch.tensor(owner)]
-                colour, shape = (lab - 1) // len(make_data.SHAPES), (lab - 1) % len(make_data.SHAPES)
+            if lab is not None and vqa_targets:  # VQA items: the patches of the shapes asked about
                 for m, vsel in enumerate(vsels):
                     if vsel is not None:
                         c, k = vsel
@@ -173,14 +177,11 @@ class Data:
         # word alignment in the decoder: every shape / colour word of a prompt and the patches it names (every shape
         # of that kind, every shape of that colour); words naming nothing in the image are left out
         words = None
-        if patch_labels is not None:
+        if lab is not None and word_targets:
             w_rows, w_cols, w_masks = [], [], []
-            item_ids = [j for i in img_ids for j in self.images[i][2]]
-            for m, j in enumerate(item_ids):
-                lab = patch_labels[owner[m]]
-                colour, shape = (lab - 1) // len(make_data.SHAPES), (lab - 1) % len(make_data.SHAPES)
-                for t, what, idx in self.items[j][6]:
-                    mask = (lab > 0) & ((shape == idx) if what == "shape" else (colour == idx))
+            for m, item_words in enumerate(said):
+                for t, what, idx in item_words:
+                    mask = (lab[m] > 0) & ((shape[m] == idx) if what == "shape" else (colour[m] == idx))
                     if bool(mask.any()):
                         w_rows.append(m)
                         w_cols.append(t)
@@ -190,6 +191,11 @@ class Data:
         return (feats, torch.tensor(owner), ids, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels),
                 torch.tensor(lk, dtype=torch.bool), len(seqs)), (patch_labels, target_mask, torch.tensor(row_box),
                                                                  words, torch.tensor(early))
+
+
+def word_id(rule: dc.PromptRule, word: str) -> int:
+    """The token id of " word" (every colour and shape word, singular or plural, is one token)."""
+    return rule.tk.encode(" " + word, add_special_tokens=False).ids[0]
 
 
 def vqa_selector(it: dict) -> tuple[int, int] | None:
@@ -511,9 +517,9 @@ def main(argv=None) -> None:
                          f"0..{cfg.text_config.num_attention_heads - 1}")
     aux = None
     if args.aux > 0:
-        word = lambda w: rule.tk.encode(" " + w, add_special_tokens=False).ids[0]  # noqa: E731 (all single tokens)
-        aux = AuxHead(cfg.text_config.hidden_size, [word(c) for c in make_data.COLORS],
-                      [word(k) for k in make_data.SHAPES], obj_weight=args.aux_obj_weight, words=args.aux_words)
+        aux = AuxHead(cfg.text_config.hidden_size, [word_id(rule, c) for c in make_data.COLORS],
+                      [word_id(rule, k) for k in make_data.SHAPES], obj_weight=args.aux_obj_weight,
+                      words=args.aux_words)
     if aux is not None and any(l is None for l in data.labels):
         raise SystemExit(f"--aux needs labels.u8.npy in every shard: run prepare_train.py --relabel")
     src = None
@@ -631,6 +637,7 @@ def main(argv=None) -> None:
         return el0 + time.perf_counter() - t0
 
     last_ckpt = time.perf_counter()
+    img_keys = torch.nonzero(image_mask).squeeze(1)  # the image tokens' positions in the prefix (attention keys)
     order = data.order(args.seed, st["epoch"])
     log = {"loss": 0.0, "g_loss": 0.0, "g_n": 0, "v_loss": 0.0, "v_n": 0, "g_acc": 0, "v_acc": 0, "items": 0,
            "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "word": 0.0, "box": 0.0, "ro": 0.0, "ro_acc": 0.0, "ro_n": 0,
@@ -654,7 +661,8 @@ def main(argv=None) -> None:
             st["pos"] = 0
             order = data.order(args.seed, st["epoch"])
         ids = order[st["pos"]:st["pos"] + args.batch_images].tolist()
-        b, (patch_labels, target_mask, row_box, words, early) = data.batch(ids, pad_id, vqa_targets=args.attn_sup_vqa)
+        b, (patch_labels, target_mask, row_box, words, early) = data.batch(ids, pad_id, vqa_targets=args.attn_sup_vqa,
+                                                                           word_targets=args.word_attn > 0)
         total_for_lr = st["total_steps"] or 10 ** 9
         lr = lr_at(st["step"], total_for_lr, args)
         for g in opt.param_groups:
@@ -679,7 +687,6 @@ def main(argv=None) -> None:
             sel = target_mask[rows_t].any(1)
             if args.attn_early:
                 sel = sel & early
-            img_keys = torch.nonzero(image_mask).squeeze(1)
             if args.attn_per_item:  # weight 1 / (answer positions of its item), normalised over the items
                 per_row = torch.bincount(rows_t[sel], minlength=target_mask.shape[0]).float()
                 w_pos = 1.0 / per_row[rows_t[sel]]
@@ -695,7 +702,6 @@ def main(argv=None) -> None:
         word_loss, word_mass = torch.zeros(()), 0.0
         if use_words:
             w_rows, w_cols, w_masks = words
-            img_keys = torch.nonzero(image_mask).squeeze(1)
             for l in args.word_attn_layer:
                 pw = probs[l][w_rows, args.word_attn_head, w_cols][:, img_keys]  # [words, 576]
                 mass = (pw * w_masks).sum(1)
