@@ -28,6 +28,7 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import demo_common as dc  # noqa: E402
+import make_data  # noqa: E402
 import train as T  # noqa: E402
 
 HELDOUT = dc.REPO / "data" / "heldout"
@@ -35,11 +36,9 @@ HELDOUT = dc.REPO / "data" / "heldout"
 
 def box_patches(bbox, width: int, height: int, grid: int) -> torch.Tensor:
     """[grid*grid] bool: patches whose centre lies in `bbox` (original pixels) after padding to a square."""
-    side = max(width, height)
-    ox, oy = (side - width) / 2, (side - height) / 2
-    c = (np.arange(grid) + 0.5) * side / grid
-    mx = (c >= bbox[0] + ox) & (c <= bbox[2] + ox)
-    my = (c >= bbox[1] + oy) & (c <= bbox[3] + oy)
+    x1, y1, x2, y2 = make_data.norm_box(bbox, width, height)
+    c = (np.arange(grid) + 0.5) / grid
+    mx, my = (c >= x1) & (c <= x2), (c >= y1) & (c <= y2)
     return torch.from_numpy((my[:, None] & mx[None, :]).reshape(-1))
 
 
