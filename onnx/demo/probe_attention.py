@@ -52,6 +52,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4, 5])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if args.images < 1 or args.positions < 0:
+        p.error("--images must be >= 1 and --positions >= 0")
     torch.set_num_threads(args.threads)
     for f in (args.ckpt, args.vision, args.processor):
         if not f.exists():

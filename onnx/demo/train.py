@@ -76,7 +76,7 @@ class Data:
             self._load(root, rule, limit_images)
             self.images += self.images[first:] * ((repeats[r] if repeats else 1) - 1)
         if not self.images:
-            raise SystemExit(f"no finished shard under {roots}: run prepare_train.py")
+            raise SystemExit(f"no {' or '.join(kinds)} items in a finished shard under {roots}: run prepare_train.py")
         n_items = sum(len(x[2]) for x in self.images)
         self.items_per_image = n_items / len(self.images)
         print(f"[data] {len(self.images)} images, {n_items} items ({self.items_per_image:.2f}/image), prefix "
