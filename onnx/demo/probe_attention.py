@@ -12,6 +12,11 @@ positions see the digits already given, so they can find the target without read
 
 Vision features come from the raw tower graph prepare_train.py used (.cache/dinov2-336/vision.int8.onnx) plus the
 checkpoint's vision position table, the same input the model trained on.
+
+With --phrase LAYER HEAD it also prints, for every shape word of the prompts, the mass that head puts on the shapes
+its noun phrase names (" red square": the red squares) and on the other shapes; with --copy LAYER HEAD, the mass
+the first answer positions put, in that head, on the item's head noun (its first shape word). These are the two
+hops train.py's --phrase-attn and --copy-attn supervise.
 """
 from __future__ import annotations
 
@@ -50,6 +55,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=100)
     p.add_argument("--positions", type=int, default=4, help="first N answer positions (0: all)")
     p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4, 5])
+    p.add_argument("--phrase", type=int, nargs=2, metavar=("LAYER", "HEAD"))
+    p.add_argument("--copy", type=int, nargs=2, metavar=("LAYER", "HEAD"))
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if args.images < 1 or args.positions < 0:
@@ -73,6 +80,10 @@ def main() -> None:
     for it in items:
         if it["kind"] == "grounding":
             by_img[it["image"]].append(it)
+    shape_words = {T.word_id(rule, w): k for k, name in enumerate(make_data.SHAPES)
+                   for w in (name, make_data.PLURAL[name])}
+    colour_words = {T.word_id(rule, name): c for c, name in enumerate(make_data.COLORS)}
+    grab = tuple(sorted(set(args.layers) | {hop[0] for hop in (args.phrase, args.copy) if hop}))
     acc = collections.defaultdict(lambda: np.zeros(3))
     for rel in sorted(by_img)[:args.images]:
         sc = scenes[rel]
@@ -87,7 +98,7 @@ def main() -> None:
             with torch.no_grad():
                 e = lm.model.embed_tokens(x).clone()
                 e[img_pos] = proj(feats if pos is None else feats + pos)
-                with T.attention_probs(lm, tuple(args.layers)) as probs:
+                with T.attention_probs(lm, grab) as probs:
                     lm.model(inputs_embeds=e[None], position_ids=torch.arange(len(x))[None])
             n = args.positions or len(ans)
             q = torch.arange(len(ids) - 1, len(ids) - 1 + n)
@@ -99,10 +110,35 @@ def main() -> None:
             for layer in args.layers:
                 pm = probs[layer][0].mean(0)[q][:, img_pos]
                 acc[(it["qtype"], layer)] += [pm[:, target].sum(1).mean().item(), pm[:, other].sum(1).mean().item(), 1]
+            nouns = [t for t, tok in enumerate(ids) if tok in shape_words]
+            if args.phrase:
+                for t in nouns:
+                    named = torch.zeros_like(target)
+                    for sh, m in zip(sc["shapes"], masks):
+                        if (list(make_data.SHAPES).index(sh["kind"]) == shape_words[ids[t]]
+                                and colour_words.get(ids[t - 1], list(make_data.COLORS).index(sh["color"]))
+                                == list(make_data.COLORS).index(sh["color"])):
+                            named |= m
+                    if bool(named.any()):
+                        rest = torch.zeros_like(target)
+                        for m in masks:
+                            rest |= m & ~named
+                        pw = probs[args.phrase[0]][0, args.phrase[1], t][img_pos]
+                        acc[("phrase", it["qtype"])] += [pw[named].sum().item(), pw[rest].sum().item(), 1]
+            if args.copy and nouns:
+                pc = probs[args.copy[0]][0, args.copy[1]][q, nouns[0]]
+                acc[("copy", it["qtype"])] += [pc.mean().item(), 0.0, 1]
     print(f"{args.ckpt}: {args.images} held-out images, first {args.positions or 'all'} answer positions")
-    for (qtype, layer), (t, o, n) in sorted(acc.items()):
-        print(f"{qtype:9s} layer {layer}: attention on the target {t / n:.3f}, on the other shapes {o / n:.3f} "
-              f"({int(n)} items)")
+    for key, (t, o, n) in sorted(acc.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        if key[0] == "phrase":
+            print(f"phrase    {key[1]:9s} layer {args.phrase[0]} head {args.phrase[1]}: shape words on their phrase's "
+                  f"shapes {t / n:.3f}, on the other shapes {o / n:.3f} ({int(n)} words)")
+        elif key[0] == "copy":
+            print(f"copy      {key[1]:9s} layer {args.copy[0]} head {args.copy[1]}: answer positions on the head noun "
+                  f"{t / n:.3f} ({int(n)} items)")
+        else:
+            print(f"{key[0]:9s} layer {key[1]}: attention on the target {t / n:.3f}, on the other shapes {o / n:.3f} "
+                  f"({int(n)} items)")
 
 
 if __name__ == "__main__":

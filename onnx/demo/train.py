@@ -123,7 +123,8 @@ class Data:
     def order(self, seed: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([seed, epoch]).permutation(len(self.images))
 
-    def batch(self, img_ids, pad_id: int, vqa_targets: bool = False, word_targets: bool = False):
+    def batch(self, img_ids, pad_id: int, vqa_targets: bool = False, word_targets: bool = False,
+              phrase_targets: bool = False):
         feats = torch.from_numpy(np.stack([self.feats[self.images[i][0]][self.images[i][1]] for i in img_ids])
                                  .astype(np.float32))
         labs = [self.labels[self.images[i][0]] for i in img_ids]
@@ -161,7 +162,7 @@ class Data:
                 row_box.append(boxes[m])
         # each item's patch labels decoded into colour and shape index (valid where lab > 0): [M, 576]
         lab = colour = shape = None
-        if patch_labels is not None and (vqa_targets or word_targets):
+        if patch_labels is not None and (vqa_targets or word_targets or phrase_targets):
             lab = patch_labels[torch.tensor(owner)]
             colour, shape = (lab - 1) // len(make_data.SHAPES), (lab - 1) % len(make_data.SHAPES)
         # target patches per item (grounding items whose shard has instance maps): [M, 576] bool
@@ -188,9 +189,31 @@ class Data:
                         w_masks.append(mask)
             if w_rows:
                 words = (torch.tensor(w_rows), torch.tensor(w_cols), torch.stack(w_masks))
+        # noun phrases: every shape word of a prompt and the patches of the shapes its phrase names, with the colour
+        # word just before it ("the red square" -> the red squares); the item's head noun (its first shape word),
+        # which the answer should read the referent from
+        phrases = heads = None
+        if lab is not None and phrase_targets:
+            p_rows, p_cols, p_masks = [], [], []
+            for m, item_words in enumerate(said):
+                colour_at = {t: idx for t, what, idx in item_words if what == "colour"}
+                for t, what, idx in item_words:
+                    if what != "shape":
+                        continue
+                    mask = (lab[m] > 0) & (shape[m] == idx)
+                    if t - 1 in colour_at:
+                        mask &= colour[m] == colour_at[t - 1]
+                    if bool(mask.any()):
+                        p_rows.append(m)
+                        p_cols.append(t)
+                        p_masks.append(mask)
+            if p_rows:
+                phrases = (torch.tensor(p_rows), torch.tensor(p_cols), torch.stack(p_masks))
+        if phrase_targets:
+            heads = torch.tensor([min((t for t, what, _ in w if what == "shape"), default=-1) for w in said])
         return (feats, torch.tensor(owner), ids, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels),
                 torch.tensor(lk, dtype=torch.bool), len(seqs)), (patch_labels, target_mask, torch.tensor(row_box),
-                                                                 words, torch.tensor(early))
+                                                                 words, torch.tensor(early), phrases, heads)
 
 
 def word_id(rule: dc.PromptRule, word: str) -> int:
@@ -466,6 +489,19 @@ def main(argv=None) -> None:
                         "of the shapes it names, so the decoder learns to match words to appearance (0: off)")
     p.add_argument("--word-attn-layer", type=int, nargs="+", default=[0, 1])
     p.add_argument("--word-attn-head", type=int, default=0)
+    p.add_argument("--phrase-attn", type=float, default=0.0,
+                   help="weight of noun-phrase attention supervision: at --phrase-layer, head --phrase-head of every "
+                        "shape word of a prompt should attend to the patches of the shapes its phrase names, the "
+                        "colour word before it included (' red square' -> the red squares), so the head noun holds "
+                        "its referent (0: off)")
+    p.add_argument("--phrase-layer", type=int, default=1)
+    p.add_argument("--phrase-head", type=int, default=0)
+    p.add_argument("--copy-attn", type=float, default=0.0,
+                   help="weight of read-out supervision: at --copy-layer, head --copy-head of the answer positions "
+                        "that hold no coordinate yet (see --attn-early) should attend to the item's head noun (its "
+                        "first shape word), from which --phrase-attn makes the referent readable (0: off)")
+    p.add_argument("--copy-layer", type=int, default=3)
+    p.add_argument("--copy-head", type=int, default=0)
     p.add_argument("--kinds", nargs="+", choices=["grounding", "vqa"], default=["grounding", "vqa"],
                    help="train on these item kinds only (default both; one kind isolates a task for a diagnosis)")
     p.add_argument("--stop-step", type=int, help="checkpoint and stop at this step (the schedule keeps its horizon)")
@@ -512,9 +548,14 @@ def main(argv=None) -> None:
     bad = [l for l in args.word_attn_layer if not 0 <= l < cfg.text_config.num_hidden_layers]
     if bad:
         raise SystemExit(f"--word-attn-layer {bad}: the decoder has layers 0..{cfg.text_config.num_hidden_layers - 1}")
-    if not 0 <= args.word_attn_head < cfg.text_config.num_attention_heads:
-        raise SystemExit(f"--word-attn-head {args.word_attn_head}: the decoder has heads "
-                         f"0..{cfg.text_config.num_attention_heads - 1}")
+    for name in ("word_attn_head", "phrase_head", "copy_head"):
+        if not 0 <= getattr(args, name) < cfg.text_config.num_attention_heads:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: the decoder has heads "
+                             f"0..{cfg.text_config.num_attention_heads - 1}")
+    for name in ("phrase_layer", "copy_layer"):
+        if not 0 <= getattr(args, name) < cfg.text_config.num_hidden_layers:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: the decoder has layers "
+                             f"0..{cfg.text_config.num_hidden_layers - 1}")
     aux = None
     if args.aux > 0:
         aux = AuxHead(cfg.text_config.hidden_size, [word_id(rule, c) for c in make_data.COLORS],
@@ -640,7 +681,8 @@ def main(argv=None) -> None:
     img_keys = torch.nonzero(image_mask).squeeze(1)  # the image tokens' positions in the prefix (attention keys)
     order = data.order(args.seed, st["epoch"])
     log = {"loss": 0.0, "g_loss": 0.0, "g_n": 0, "v_loss": 0.0, "v_n": 0, "g_acc": 0, "v_acc": 0, "items": 0,
-           "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "word": 0.0, "box": 0.0, "ro": 0.0, "ro_acc": 0.0, "ro_n": 0,
+           "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "word": 0.0, "phrase": 0.0, "copy": 0.0, "box": 0.0, "ro": 0.0,
+           "ro_acc": 0.0, "ro_n": 0,
            "t": time.perf_counter(), "steps": 0}
     calib_t = None
     proj.train()
@@ -661,8 +703,9 @@ def main(argv=None) -> None:
             st["pos"] = 0
             order = data.order(args.seed, st["epoch"])
         ids = order[st["pos"]:st["pos"] + args.batch_images].tolist()
-        b, (patch_labels, target_mask, row_box, words, early) = data.batch(ids, pad_id, vqa_targets=args.attn_sup_vqa,
-                                                                           word_targets=args.word_attn > 0)
+        b, (patch_labels, target_mask, row_box, words, early, phrases, heads) = data.batch(
+            ids, pad_id, vqa_targets=args.attn_sup_vqa, word_targets=args.word_attn > 0,
+            phrase_targets=args.phrase_attn > 0 or args.copy_attn > 0)
         total_for_lr = st["total_steps"] or 10 ** 9
         lr = lr_at(st["step"], total_for_lr, args)
         for g in opt.param_groups:
@@ -670,7 +713,14 @@ def main(argv=None) -> None:
         use_attn = (args.attn_sup > 0 and target_mask is not None  # some supervised position has a target
                     and bool((target_mask[b[3]].any(1) & (early if args.attn_early else True)).any()))
         use_words = args.word_attn > 0 and words is not None
-        grab = sorted(set(args.attn_layer if use_attn else []) | set(args.word_attn_layer if use_words else []))
+        use_phrases = args.phrase_attn > 0 and phrases is not None
+        copy_sel = None
+        if args.copy_attn > 0 and heads is not None:  # early answer positions of items with a head noun
+            copy_sel = early & (heads[b[3]] >= 0)
+            copy_sel = copy_sel if bool(copy_sel.any()) else None
+        grab = sorted(set(args.attn_layer if use_attn else []) | set(args.word_attn_layer if use_words else [])
+                      | ({args.phrase_layer} if use_phrases else set()) | ({args.copy_layer} if copy_sel is not None
+                                                                         else set()))
         logits, labels, lk, n, img, probs, hs, *mid = forward(
             proj, lm, prefix_ids, image_mask, b, attn_layers=tuple(grab),
             vision_pos=vision_pos, hidden_layers=tuple(args.readout_layers) if readout is not None else ())
@@ -708,6 +758,17 @@ def main(argv=None) -> None:
                 word_loss = word_loss - (mass + 1e-6).log().mean() / len(args.word_attn_layer)
                 word_mass += mass.mean().item() / len(args.word_attn_layer)
             total_loss = total_loss + args.word_attn * word_loss
+        phrase_mass = copy_mass = 0.0
+        if use_phrases:
+            p_rows, p_cols, p_masks = phrases
+            mass = (probs[args.phrase_layer][p_rows, args.phrase_head, p_cols][:, img_keys] * p_masks).sum(1)
+            total_loss = total_loss - args.phrase_attn * (mass + 1e-6).log().mean()
+            phrase_mass = mass.mean().item()
+        if copy_sel is not None:
+            r, c = b[3][copy_sel], b[4][copy_sel]
+            mass = probs[args.copy_layer][r, args.copy_head, c, prefix_ids.shape[0] + heads[r]]
+            total_loss = total_loss - args.copy_attn * (mass + 1e-6).log().mean()
+            copy_mass = mass.mean().item()
         box_loss = torch.zeros(())
         if box_head is not None and bool(lk.any()):
             box_loss = F.l1_loss(torch.sigmoid(box_head(hs[lk])), row_box[lk])
@@ -735,6 +796,8 @@ def main(argv=None) -> None:
             log["aux"] += aux_loss.item()
             log["attn"] += attn_mass
             log["word"] += word_mass
+            log["phrase"] += phrase_mass
+            log["copy"] += copy_mass
             log["box"] += box_loss.item()
             log["ro"] += ro_loss.item()
             log["ro_acc"] += ro_hit
@@ -765,6 +828,8 @@ def main(argv=None) -> None:
                   f"{log['aux_acc'] / log['steps']:.2f}, target attn {log['attn'] / log['steps']:.3f}, box L1 "
                   f"{log['box'] / log['steps']:.3f}"
                   + (f", word attn {log['word'] / log['steps']:.3f}" if args.word_attn > 0 else "")
+                  + (f", phrase attn {log['phrase'] / log['steps']:.3f}" if args.phrase_attn > 0 else "")
+                  + (f", copy attn {log['copy'] / log['steps']:.3f}" if args.copy_attn > 0 else "")
                   + (f", readout {log['ro'] / log['steps']:.3f} acc {log['ro_acc'] / max(1, log['ro_n']):.3f}"
                      if readout is not None else "")
                   + f") | {log['items'] / dt:.2f} samples/s, "
