@@ -8,8 +8,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup-ort.sh >&2
 cargo build --release --quiet
 model="${MODEL:-models/nuwa-demo}"
-image="${IMAGE:-examples/shapes-two-stars.jpg}"
-prompt="${PROMPT:-Please provide the bounding box coordinate of the region this sentence describes: the star above the orange star.}"
+image="${IMAGE:-examples/shapes-red-blue-stars.jpg}"
+prompt="${PROMPT:-Please provide the bounding box coordinate of the region this sentence describes: the blue star.}"
 mkdir -p out
 # Nüwa pruning at budget 64 (PRUNE="--prune none" to switch it off).
 # shellcheck disable=SC2086
