@@ -72,6 +72,13 @@ def main() -> None:
     T.load_weights(s, proj, lm)
     pos = s.get("vision_pos")
     lm.eval()
+    n_layers, n_heads = cfg.text_config.num_hidden_layers, cfg.text_config.num_attention_heads
+    for name, hop in (("--phrase", args.phrase), ("--copy", args.copy)):
+        if hop and not (0 <= hop[0] < n_layers and 0 <= hop[1] < n_heads):
+            p.error(f"{name} {hop[0]} {hop[1]}: the decoder has layers 0..{n_layers - 1} and heads 0..{n_heads - 1}")
+    bad = [l for l in args.layers if not 0 <= l < n_layers]
+    if bad:
+        p.error(f"--layers {bad}: the decoder has layers 0..{n_layers - 1}")
     sess = dc.ort_session(args.vision, args.threads)
     grid = int(round(dc.N_IMAGE_TOKENS ** 0.5))
     items = [json.loads(line) for line in (HELDOUT / "heldout.jsonl").read_text().splitlines()]
@@ -83,6 +90,8 @@ def main() -> None:
     shape_words = {T.word_id(rule, w): k for k, name in enumerate(make_data.SHAPES)
                    for w in (name, make_data.PLURAL[name])}
     colour_words = {T.word_id(rule, name): c for c, name in enumerate(make_data.COLORS)}
+    shape_index = {name: k for k, name in enumerate(make_data.SHAPES)}
+    colour_index = {name: c for c, name in enumerate(make_data.COLORS)}
     grab = tuple(sorted(set(args.layers) | {hop[0] for hop in (args.phrase, args.copy) if hop}))
     acc = collections.defaultdict(lambda: np.zeros(3))
     for rel in sorted(by_img)[:args.images]:
@@ -113,11 +122,11 @@ def main() -> None:
             nouns = [t for t, tok in enumerate(ids) if tok in shape_words]
             if args.phrase:
                 for t in nouns:
+                    said_colour = colour_words.get(ids[t - 1])  # " red square": the colour just before the noun
                     named = torch.zeros_like(target)
                     for sh, m in zip(sc["shapes"], masks):
-                        if (list(make_data.SHAPES).index(sh["kind"]) == shape_words[ids[t]]
-                                and colour_words.get(ids[t - 1], list(make_data.COLORS).index(sh["color"]))
-                                == list(make_data.COLORS).index(sh["color"])):
+                        if (shape_index[sh["kind"]] == shape_words[ids[t]]
+                                and said_colour in (None, colour_index[sh["color"]])):
                             named |= m
                     if bool(named.any()):
                         rest = torch.zeros_like(target)
