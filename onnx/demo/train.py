@@ -177,43 +177,40 @@ class Data:
                         target_mask[m] = (lab[m] > 0) & (shape[m] == k) & ((colour[m] == c) if c >= 0 else True)
         # word alignment in the decoder: every shape / colour word of a prompt and the patches it names (every shape
         # of that kind, every shape of that colour); words naming nothing in the image are left out
-        words = None
-        if lab is not None and word_targets:
-            w_rows, w_cols, w_masks = [], [], []
-            for m, item_words in enumerate(said):
-                for t, what, idx in item_words:
-                    mask = (lab[m] > 0) & ((shape[m] == idx) if what == "shape" else (colour[m] == idx))
-                    if bool(mask.any()):
-                        w_rows.append(m)
-                        w_cols.append(t)
-                        w_masks.append(mask)
-            if w_rows:
-                words = (torch.tensor(w_rows), torch.tensor(w_cols), torch.stack(w_masks))
-        # noun phrases: every shape word of a prompt and the patches of the shapes its phrase names, with the colour
-        # word just before it ("the red square" -> the red squares); the item's head noun (its first shape word),
-        # which the answer should read the referent from
-        phrases = heads = None
-        if lab is not None and phrase_targets:
-            p_rows, p_cols, p_masks = [], [], []
-            for m, item_words in enumerate(said):
-                colour_at = {t: idx for t, what, idx in item_words if what == "colour"}
-                for t, what, idx in item_words:
-                    if what != "shape":
-                        continue
-                    mask = (lab[m] > 0) & (shape[m] == idx)
-                    if t - 1 in colour_at:
-                        mask &= colour[m] == colour_at[t - 1]
-                    if bool(mask.any()):
-                        p_rows.append(m)
-                        p_cols.append(t)
-                        p_masks.append(mask)
-            if p_rows:
-                phrases = (torch.tensor(p_rows), torch.tensor(p_cols), torch.stack(p_masks))
+        words = word_patches(said, lab, shape, colour, phrases=False) if lab is not None and word_targets else None
+        # noun phrases: every shape word and the patches of the shapes its phrase names, with the colour word just
+        # before it ("the red square" -> the red squares); the item's head noun (its first shape word), which the
+        # answer should read the referent from
+        phrases = word_patches(said, lab, shape, colour, phrases=True) if lab is not None and phrase_targets else None
+        heads = None
         if phrase_targets:
             heads = torch.tensor([min((t for t, what, _ in w if what == "shape"), default=-1) for w in said])
         return (feats, torch.tensor(owner), ids, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels),
                 torch.tensor(lk, dtype=torch.bool), len(seqs)), (patch_labels, target_mask, torch.tensor(row_box),
                                                                  words, torch.tensor(early), phrases, heads)
+
+
+def word_patches(said, lab, shape, colour, phrases: bool):
+    """(item rows, suffix positions, [n, 576] patch masks) of the prompt words that name something in the image, or
+    None. Per word (phrases=False): a shape word names every shape of its kind, a colour word every shape of its
+    colour. Per noun phrase (phrases=True): shape words only, narrowed by the colour word just before them."""
+    rows, cols, masks = [], [], []
+    for m, item_words in enumerate(said):
+        colour_at = {t: idx for t, what, idx in item_words if what == "colour"}
+        for t, what, idx in item_words:
+            if what == "shape":
+                mask = (lab[m] > 0) & (shape[m] == idx)
+                if phrases and t - 1 in colour_at:
+                    mask &= colour[m] == colour_at[t - 1]
+            elif phrases:
+                continue
+            else:
+                mask = (lab[m] > 0) & (colour[m] == idx)
+            if bool(mask.any()):
+                rows.append(m)
+                cols.append(t)
+                masks.append(mask)
+    return (torch.tensor(rows), torch.tensor(cols), torch.stack(masks)) if rows else None
 
 
 def word_id(rule: dc.PromptRule, word: str) -> int:
