@@ -63,6 +63,10 @@ class Data:
         # (suffix ids, answer ids, kind, target shape index or -1, normalised box or None, VQA selector or None,
         #  [(suffix position, "shape" | "colour", index)] of the shape and colour words the prompt says)
         self.items = []
+        self.qtypes = []  # per item: make_data's qtype (attr, position, ..., exist, color, count)
+        # per item: the head noun alone decides the answer (existence, count, "What color is the <shape>?"), so
+        # --head-readout may ask it of the head noun's state (a qualifier after the noun is not visible there)
+        self.head_decides = []
         self.words = {}  # token id -> ("shape" | "colour", index), singular and plural shape words
         for k, name in enumerate(make_data.SHAPES):
             for w in (name, make_data.PLURAL[name]):
@@ -105,6 +109,9 @@ class Data:
                 if ids[:len(prefix)] != prefix:
                     raise SystemExit(f"item {it} does not share the image prefix")
                 by_img.setdefault(it["local"], []).append(len(self.items))
+                self.qtypes.append(it.get("qtype"))
+                self.head_decides.append(it.get("qtype") in ("exist", "count") or (
+                    it.get("qtype") == "color" and re.fullmatch(r"What color is the \w+\?.*", it["prompt"]) is not None))
                 g = it["kind"] == "grounding"
                 suffix = ids[len(prefix):]
                 self.items.append((suffix, rule.answer_ids(it["answer"]), it["kind"],
@@ -124,7 +131,7 @@ class Data:
         return np.random.default_rng([seed, epoch]).permutation(len(self.images))
 
     def batch(self, img_ids, pad_id: int, vqa_targets: bool = False, word_targets: bool = False,
-              phrase_targets: bool = False):
+              phrase_targets: bool = False, phrase_sink: bool = False):
         feats = torch.from_numpy(np.stack([self.feats[self.images[i][0]][self.images[i][1]] for i in img_ids])
                                  .astype(np.float32))
         labs = [self.labels[self.images[i][0]] for i in img_ids]
@@ -133,10 +140,11 @@ class Data:
         insts = [self.instances[self.images[i][0]] for i in img_ids]
         inst = (torch.from_numpy(np.stack([a[self.images[i][1]] for a, i in zip(insts, img_ids)]).astype(np.int64))
                 if all(a is not None for a in insts) else None)
-        owner, seqs, tgts, kinds, targets, boxes, vsels, said = [], [], [], [], [], [], [], []
+        owner, seqs, tgts, kinds, targets, boxes, vsels, said, decides = [], [], [], [], [], [], [], [], []
         for b, i in enumerate(img_ids):
             for j in self.images[i][2]:
                 suf, ans, kind, target, box, vsel, spoken = self.items[j]
+                decides.append(self.head_decides[j])
                 vsels.append(vsel)
                 said.append(spoken)
                 boxes.append(box if box is not None else [0.0] * 4)
@@ -181,20 +189,24 @@ class Data:
         # noun phrases: every shape word and the patches of the shapes its phrase names, with the colour word just
         # before it ("the red square" -> the red squares); the item's head noun (its first shape word), which the
         # answer should read the referent from
-        phrases = word_patches(said, lab, shape, colour, phrases=True) if lab is not None and phrase_targets else None
-        heads = None
-        if phrase_targets:
-            heads = torch.tensor([min((t for t, what, _ in w if what == "shape"), default=-1) for w in said])
+        phrases = (word_patches(said, lab, shape, colour, phrases=True, sink=phrase_sink)
+                   if lab is not None and phrase_targets else None)
+        heads = torch.tensor([min((t for t, what, _ in w if what == "shape"), default=-1) for w in said])
         return (feats, torch.tensor(owner), ids, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels),
                 torch.tensor(lk, dtype=torch.bool), len(seqs)), (patch_labels, target_mask, torch.tensor(row_box),
-                                                                 words, torch.tensor(early), phrases, heads)
+                                                                 words, torch.tensor(early), phrases,
+                                                                 heads if phrase_targets else None, heads,
+                                                                 torch.tensor(decides, dtype=torch.bool))
 
 
-def word_patches(said, lab, shape, colour, phrases: bool):
-    """(item rows, suffix positions, [n, 576] patch masks) of the prompt words that name something in the image, or
-    None. Per word (phrases=False): a shape word names every shape of its kind, a colour word every shape of its
-    colour. Per noun phrase (phrases=True): shape words only, narrowed by the colour word just before them."""
-    rows, cols, masks = [], [], []
+def word_patches(said, lab, shape, colour, phrases: bool, sink: bool = False):
+    """(item rows, suffix positions, [n, 576] patch masks, [n] bool: the word names nothing and should attend to the
+    BOS token instead) of the prompt words that name something in the image, or None. Per word (phrases=False): a
+    shape word names every shape of its kind, a colour word every shape of its colour. Per noun phrase
+    (phrases=True): shape words only, narrowed by the colour word just before them; with `sink`, a phrase that names
+    nothing ("Is there a red circle?" without one) is kept with an empty mask, so "found nothing" becomes a state
+    the answer can read (attention on BOS) rather than attention spread over whatever matches best."""
+    rows, cols, masks, empty = [], [], [], []
     for m, item_words in enumerate(said):
         colour_at = {t: idx for t, what, idx in item_words if what == "colour"}
         for t, what, idx in item_words:
@@ -206,11 +218,13 @@ def word_patches(said, lab, shape, colour, phrases: bool):
                 continue
             else:
                 mask = (lab[m] > 0) & (colour[m] == idx)
-            if bool(mask.any()):
+            found = bool(mask.any())
+            if found or (phrases and sink):
                 rows.append(m)
                 cols.append(t)
                 masks.append(mask)
-    return (torch.tensor(rows), torch.tensor(cols), torch.stack(masks)) if rows else None
+                empty.append(not found)
+    return (torch.tensor(rows), torch.tensor(cols), torch.stack(masks), torch.tensor(empty)) if rows else None
 
 
 def word_id(rule: dc.PromptRule, word: str) -> int:
@@ -354,7 +368,7 @@ def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch,
     """Returns (logits at answer positions [T, V], labels [T], grounding mask [T], n_items, projected image tokens,
     {layer: attention probabilities of the suffix queries [M, heads, S, P + S]} for `attn_layers`, final normed
     hidden states at the answer positions [T, H]); with `hidden_layers`, an eighth element
-    {l: hidden_states[l] at the answer positions [T, H]} (hidden_states[l] = the output of layer l - 1)."""
+    {l: hidden_states[l] of the suffix [M, S, H]} (hidden_states[l] = the output of layer l - 1)."""
     feats, owner, ids, rows, cols, labels, lk, n = batch
     B, P = feats.shape[0], prefix_ids.shape[0]
     pre, img = image_prefix(proj, lm, prefix_ids, image_mask, feats, vision_pos)
@@ -369,7 +383,7 @@ def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch,
     hs = o.last_hidden_state[rows, cols]
     logits = lm.lm_head(hs)
     if hidden_layers:
-        return logits, labels, lk, n, img, grabbed, hs, {l: o.hidden_states[l][rows, cols] for l in hidden_layers}
+        return logits, labels, lk, n, img, grabbed, hs, {l: o.hidden_states[l] for l in hidden_layers}
     return logits, labels, lk, n, img, grabbed, hs
 
 
@@ -480,6 +494,13 @@ def main(argv=None) -> None:
                    help="--vqa-readout heads start at zero (phase i) or at PyTorch's default random init: a zero head "
                         "sends no answer-dependent gradient into the decoder until it has learned from what the "
                         "hidden state already carries, a random one does from the first step")
+    p.add_argument("--head-readout", type=float, default=0.0,
+                   help="weight of a training-only readout of a VQA answer's first token from the question's head "
+                        "noun (its first shape word) at hidden_states --head-readout-layer, for the questions the "
+                        "head noun alone decides (existence, count, 'What color is the <shape>?'): the value the "
+                        "read-out hop (--copy-attn) copies to the answer must carry the answer, not only the place")
+    p.add_argument("--head-readout-layer", type=int, default=3,
+                   help="hidden_states index for --head-readout (3: the input of the copy layer 3)")
     p.add_argument("--word-attn", type=float, default=0.0,
                    help="weight of word-to-patch attention supervision: at --word-attn-layer, head --word-attn-head "
                         "of every shape / colour word of a prompt (' triangle', ' red') should attend to the patches "
@@ -491,6 +512,9 @@ def main(argv=None) -> None:
                         "shape word of a prompt should attend to the patches of the shapes its phrase names, the "
                         "colour word before it included (' red square' -> the red squares), so the head noun holds "
                         "its referent (0: off)")
+    p.add_argument("--phrase-sink", action="store_true",
+                   help="with --phrase-attn, a noun phrase that names no shape in the image (an existence question "
+                        "answered no) should attend to the BOS token (prompt position 0) instead")
     p.add_argument("--phrase-layer", type=int, default=1)
     p.add_argument("--phrase-head", type=int, default=0)
     p.add_argument("--copy-attn", type=float, default=0.0,
@@ -553,6 +577,8 @@ def main(argv=None) -> None:
         if not 0 <= getattr(args, name) < cfg.text_config.num_hidden_layers:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: the decoder has layers "
                              f"0..{cfg.text_config.num_hidden_layers - 1}")
+    if args.phrase_sink and data.prefix[0] != rule.bos_id:
+        raise SystemExit("--phrase-sink needs the prompt to start with BOS (the sink key)")
     aux = None
     if args.aux > 0:
         aux = AuxHead(cfg.text_config.hidden_size, [word_id(rule, c) for c in make_data.COLORS],
@@ -582,16 +608,25 @@ def main(argv=None) -> None:
     box_head = torch.nn.Linear(cfg.text_config.hidden_size, 4) if args.box_aux > 0 else None
     if box_head is not None:
         named += [("aux.box." + n, p) for n, p in box_head.named_parameters()]
-    readout, readout_class = None, None
-    if args.vqa_readout > 0:
+    readout, readout_class, head_readout = None, None, None
+    if args.vqa_readout > 0 or args.head_readout > 0:
         if "vqa" not in args.kinds:
-            raise SystemExit("--vqa-readout reads VQA answers: it needs --kinds to include vqa")
-        bad = [l for l in args.readout_layers if not 1 <= l <= cfg.text_config.num_hidden_layers]
-        if bad:
-            raise SystemExit(f"--readout-layers {bad}: hidden_states 1..{cfg.text_config.num_hidden_layers}")
+            raise SystemExit("--vqa-readout / --head-readout read VQA answers: they need --kinds to include vqa")
         vocab = sorted({t for _, ans, kind, *_ in data.items if kind != "grounding" for t in ans})
         readout_class = torch.full((cfg.text_config.vocab_size,), -100, dtype=torch.long)
         readout_class[torch.tensor(vocab)] = torch.arange(len(vocab))
+    if args.head_readout > 0:
+        if not 1 <= args.head_readout_layer <= cfg.text_config.num_hidden_layers:
+            raise SystemExit(f"--head-readout-layer {args.head_readout_layer}: hidden_states "
+                             f"1..{cfg.text_config.num_hidden_layers}")
+        head_readout = torch.nn.Linear(cfg.text_config.hidden_size, len(vocab))
+        named += [("aux.head_readout." + n, p) for n, p in head_readout.named_parameters()]
+        print(f"[head-readout] VQA answers ({len(vocab)} classes) read from the head noun at hidden_states "
+              f"{args.head_readout_layer}")
+    if args.vqa_readout > 0:
+        bad = [l for l in args.readout_layers if not 1 <= l <= cfg.text_config.num_hidden_layers]
+        if bad:
+            raise SystemExit(f"--readout-layers {bad}: hidden_states 1..{cfg.text_config.num_hidden_layers}")
         readout = torch.nn.ModuleDict({str(l): torch.nn.Linear(cfg.text_config.hidden_size, len(vocab))
                                        for l in args.readout_layers})
         if args.readout_init == "zero":  # starts at the uniform guess: no kick to the decoder on step 1
@@ -618,6 +653,8 @@ def main(argv=None) -> None:
             box_head.load_state_dict(s["box"])
         if readout is not None and s.get("readout") is not None:
             readout.load_state_dict(s["readout"])
+        if head_readout is not None and s.get("head_readout") is not None:
+            head_readout.load_state_dict(s["head_readout"])
         opt.load_state_dict(s["optimizer"])
         st = s["state"]
         set_rng_state(s["rng"])
@@ -664,6 +701,7 @@ def main(argv=None) -> None:
         save(ckpt, {"projector": proj.state_dict(), "aux": aux.state_dict() if aux is not None else None,
                     "box": box_head.state_dict() if box_head is not None else None,
                     "readout": readout.state_dict() if readout is not None else None,
+                    "head_readout": head_readout.state_dict() if head_readout is not None else None,
                     "vision_pos": vision_pos.detach().clone() if vision_pos is not None else None,
                     "language_model": lm.state_dict(), "optimizer": opt.state_dict(),
                     "state": dict(st), "rng": rng_state(), "args": vars(args), "config": cfg.to_dict()})
@@ -679,7 +717,7 @@ def main(argv=None) -> None:
     order = data.order(args.seed, st["epoch"])
     log = {"loss": 0.0, "g_loss": 0.0, "g_n": 0, "v_loss": 0.0, "v_n": 0, "g_acc": 0, "v_acc": 0, "items": 0,
            "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "word": 0.0, "phrase": 0.0, "copy": 0.0, "box": 0.0, "ro": 0.0,
-           "ro_acc": 0.0, "ro_n": 0,
+           "ro_acc": 0.0, "ro_n": 0, "hr": 0.0, "hr_acc": 0, "hr_n": 0,
            "t": time.perf_counter(), "steps": 0}
     calib_t = None
     proj.train()
@@ -700,9 +738,9 @@ def main(argv=None) -> None:
             st["pos"] = 0
             order = data.order(args.seed, st["epoch"])
         ids = order[st["pos"]:st["pos"] + args.batch_images].tolist()
-        b, (patch_labels, target_mask, row_box, words, early, phrases, heads) = data.batch(
+        b, (patch_labels, target_mask, row_box, words, early, phrases, heads, head_at, head_decides) = data.batch(
             ids, pad_id, vqa_targets=args.attn_sup_vqa, word_targets=args.word_attn > 0,
-            phrase_targets=args.phrase_attn > 0 or args.copy_attn > 0)
+            phrase_targets=args.phrase_attn > 0 or args.copy_attn > 0, phrase_sink=args.phrase_sink)
         total_for_lr = st["total_steps"] or 10 ** 9
         lr = lr_at(st["step"], total_for_lr, args)
         for g in opt.param_groups:
@@ -720,7 +758,9 @@ def main(argv=None) -> None:
                                                                          else set()))
         logits, labels, lk, n, img, probs, hs, *mid = forward(
             proj, lm, prefix_ids, image_mask, b, attn_layers=tuple(grab),
-            vision_pos=vision_pos, hidden_layers=tuple(args.readout_layers) if readout is not None else ())
+            vision_pos=vision_pos,
+            hidden_layers=tuple(sorted(set(args.readout_layers if readout is not None else [])
+                                       | ({args.head_readout_layer} if head_readout is not None else set()))))
         tok_loss = F.cross_entropy(logits.float(), labels, reduction="none")
         w_tok = torch.where(lk, 1.0, args.vqa_weight)
         loss = (tok_loss * w_tok).sum() / w_tok.sum()
@@ -748,7 +788,7 @@ def main(argv=None) -> None:
             total_loss = total_loss + args.attn_sup * attn_loss
         word_loss, word_mass = torch.zeros(()), 0.0
         if use_words:
-            w_rows, w_cols, w_masks = words
+            w_rows, w_cols, w_masks, _ = words
             for l in args.word_attn_layer:
                 pw = probs[l][w_rows, args.word_attn_head, w_cols][:, img_keys]  # [words, 576]
                 mass = (pw * w_masks).sum(1)
@@ -757,8 +797,9 @@ def main(argv=None) -> None:
             total_loss = total_loss + args.word_attn * word_loss
         phrase_mass = copy_mass = 0.0
         if use_phrases:
-            p_rows, p_cols, p_masks = phrases
-            mass = (probs[args.phrase_layer][p_rows, args.phrase_head, p_cols][:, img_keys] * p_masks).sum(1)
+            p_rows, p_cols, p_masks, p_empty = phrases
+            pp = probs[args.phrase_layer][p_rows, args.phrase_head, p_cols]  # [phrases, P + S]
+            mass = (pp[:, img_keys] * p_masks).sum(1) + pp[:, 0] * p_empty
             total_loss = total_loss - args.phrase_attn * (mass + 1e-6).log().mean()
             phrase_mass = mass.mean().item()
         if copy_sel is not None:
@@ -774,12 +815,25 @@ def main(argv=None) -> None:
         if readout is not None and bool((~lk).any()):
             cls = readout_class[labels[~lk]]
             for l, head in readout.items():
-                h_mid = mid[0][int(l)][~lk]  # the residual stream, un-normed: RMS-normalise it for the head
+                h_mid = mid[0][int(l)][b[3], b[4]][~lk]  # the residual stream, un-normed: RMS-normalise it
                 z = head(h_mid * torch.rsqrt(h_mid.pow(2).mean(-1, keepdim=True) + 1e-6))
                 ro_loss = ro_loss + F.cross_entropy(z, cls) / len(readout)
                 ro_hit += int((z.argmax(-1) == cls).sum())
                 ro_n += len(cls)
             total_loss = total_loss + args.vqa_readout * ro_loss
+        hr_loss, hr_hit, hr_n = torch.zeros(()), 0, 0
+        if head_readout is not None:
+            # the first answer token of every item whose head noun alone decides its VQA answer, read at the noun
+            first = torch.searchsorted(b[3], torch.arange(len(head_at)))  # rows are sorted by item
+            sel = head_decides & (head_at >= 0) & ~lk[first]
+            if bool(sel.any()):
+                m_sel = torch.nonzero(sel).squeeze(1)
+                h_noun = mid[0][args.head_readout_layer][m_sel, head_at[m_sel]]
+                z = head_readout(h_noun * torch.rsqrt(h_noun.pow(2).mean(-1, keepdim=True) + 1e-6))
+                cls = readout_class[labels[first[m_sel]]]
+                hr_loss = F.cross_entropy(z, cls)
+                hr_hit, hr_n = int((z.argmax(-1) == cls).sum()), len(cls)
+                total_loss = total_loss + args.head_readout * hr_loss
         opt.zero_grad(set_to_none=True)
         total_loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], args.clip)
@@ -799,6 +853,9 @@ def main(argv=None) -> None:
             log["ro"] += ro_loss.item()
             log["ro_acc"] += ro_hit
             log["ro_n"] += ro_n
+            log["hr"] += hr_loss.item()
+            log["hr_acc"] += hr_hit
+            log["hr_n"] += hr_n
             log["aux_acc"] += aux_acc
             log["g_loss"] += tok_loss[lk].sum().item()
             log["g_n"] += int(lk.sum())
@@ -829,6 +886,8 @@ def main(argv=None) -> None:
                   + (f", copy attn {log['copy'] / log['steps']:.3f}" if args.copy_attn > 0 else "")
                   + (f", readout {log['ro'] / log['steps']:.3f} acc {log['ro_acc'] / max(1, log['ro_n']):.3f}"
                      if readout is not None else "")
+                  + (f", head readout {log['hr'] / log['steps']:.3f} acc {log['hr_acc'] / max(1, log['hr_n']):.3f}"
+                     if head_readout is not None else "")
                   + f") | {log['items'] / dt:.2f} samples/s, "
                   f"{dt / log['items']:.3f} s/sample, {dt / log['steps']:.2f} s/step | {st['samples']} samples, "
                   f"{elapsed() / 60:.1f} min", flush=True)
