@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     image_mask = prefix_ids == rule.image_token_id
     img_keys = torch.nonzero(image_mask).squeeze(1)
     P = len(prefix_ids)
-    grab = set(args.attn_layers) | ({args.phrase[0]} if args.phrase else set()) | ({args.copy[0]} if args.copy else set())
+    grab = set(args.attn_layers) | {hop[0] for hop in (args.phrase, args.copy) if hop}
     classes: list[str] = []
     answer_pos, head_pos, shape_tok = (collections.defaultdict(list) for _ in range(3))
     y, said, mass = [], [], collections.defaultdict(list)

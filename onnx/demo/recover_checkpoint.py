@@ -1,7 +1,7 @@
 """A committed demo model (models/nuwa-demo) -> a train.py checkpoint, so training can go on from it.
 
-  .venv/bin/python onnx/demo/recover_checkpoint.py --model models/nuwa-demo --processor .cache/demo-train-big/processor \
-      --out .cache/demo-ckpt-from-model
+  .venv/bin/python onnx/demo/recover_checkpoint.py --model models/nuwa-demo \
+      --processor .cache/demo-train-big/processor --out .cache/demo-ckpt-from-model
   .venv/bin/python onnx/demo/train.py ... --init .cache/demo-ckpt-from-model/last.pt
 
 The training checkpoints live in .cache/, which a fresh machine does not have; the shipped model is the only copy of
@@ -16,8 +16,9 @@ the trained weights that survives. Reading them back:
 * the vision graph's `feature_offset` [576, 384] is train.py's learned vision position table.
 
 The int8 weights are what the runtime runs, so the recovered model is the shipped model, not the fp32 one it was
-quantised from (the difference is the quantisation error, ~0.4 % of a weight's block scale). Training-only heads (patch
-readout, box readout, VQA readout) are not shipped and start afresh (train.py without --init-aux).
+quantised from (the difference is the rounding, at most 0.4 % of the largest weight in its block of 128).
+Training-only heads (patch readout, box readout, VQA readouts) are not shipped and start afresh (train.py without
+--init-aux).
 
 Check (always run): the recovered torch decoder against the three ONNX parts on random input embeddings, last-position
 logits and the hidden state after the head part; fails above --tol (relative to the logits' scale).
@@ -173,7 +174,8 @@ def main(argv=None) -> None:
     cfg, proj, lm = build(processor)
     p_sd, lm_sd, vpos, man = recover(args.model)
     if man["decoder"]["vocab_size"] != cfg.text_config.vocab_size:
-        raise SystemExit(f"{args.model}: vocab {man['decoder']['vocab_size']}, the processor's {cfg.text_config.vocab_size}")
+        raise SystemExit(f"{args.model}: vocab {man['decoder']['vocab_size']}, the processor's "
+                         f"{cfg.text_config.vocab_size}")
     proj.load_state_dict(p_sd, strict=True)
     lm.load_state_dict(lm_sd, strict=True)
     lm.tie_weights()

@@ -110,8 +110,9 @@ class Data:
                     raise SystemExit(f"item {it} does not share the image prefix")
                 by_img.setdefault(it["local"], []).append(len(self.items))
                 self.qtypes.append(it.get("qtype"))
-                self.head_decides.append(it.get("qtype") in ("exist", "count") or (
-                    it.get("qtype") == "color" and re.fullmatch(r"What color is the \w+\?.*", it["prompt"]) is not None))
+                plain_colour = re.fullmatch(r"What color is the \w+\?.*", it["prompt"]) is not None
+                self.head_decides.append(it.get("qtype") in ("exist", "count")
+                                         or (it.get("qtype") == "color" and plain_colour))
                 g = it["kind"] == "grounding"
                 suffix = ids[len(prefix):]
                 self.items.append((suffix, rule.answer_ids(it["answer"]), it["kind"],
