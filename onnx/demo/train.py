@@ -193,11 +193,13 @@ class Data:
         phrases = (word_patches(said, lab, shape, colour, phrases=True, sink=phrase_sink)
                    if lab is not None and phrase_targets else None)
         heads = torch.tensor([min((t for t, what, _ in w if what == "shape"), default=-1) for w in said])
+        sets = phrase_sets(phrases, colour, inst[torch.tensor(owner)]) if phrases is not None and inst is not None \
+            else None
         return (feats, torch.tensor(owner), ids, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels),
                 torch.tensor(lk, dtype=torch.bool), len(seqs)), (patch_labels, target_mask, torch.tensor(row_box),
                                                                  words, torch.tensor(early), phrases,
                                                                  heads if phrase_targets else None, heads,
-                                                                 torch.tensor(decides, dtype=torch.bool))
+                                                                 torch.tensor(decides, dtype=torch.bool), sets)
 
 
 def word_patches(said, lab, shape, colour, phrases: bool, sink: bool = False):
@@ -226,6 +228,16 @@ def word_patches(said, lab, shape, colour, phrases: bool, sink: bool = False):
                 masks.append(mask)
                 empty.append(not found)
     return (torch.tensor(rows), torch.tensor(cols), torch.stack(masks), torch.tensor(empty)) if rows else None
+
+
+def phrase_sets(phrases, colour, inst) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each noun phrase of `word_patches(..., phrases=True)` names, as --phrase-readout's targets: the colours
+    among its shapes ([n, colours] bool; none for a phrase naming nothing) and how many shapes it names ([n], from the
+    items' instance maps `inst` [M, 576]: 0 = background, k + 1 = shape k)."""
+    rows, _, masks, _ = phrases
+    named = F.one_hot(colour[rows].clamp(min=0), len(make_data.COLORS)).bool() & masks[..., None]
+    shapes = F.one_hot(inst[rows], int(inst.max()) + 1).bool() & masks[..., None]
+    return named.any(1), shapes[..., 1:].any(1).sum(1)
 
 
 def word_id(rule: dc.PromptRule, word: str) -> int:
@@ -502,6 +514,15 @@ def main(argv=None) -> None:
                         "read-out hop (--copy-attn) copies to the answer must carry the answer, not only the place")
     p.add_argument("--head-readout-layer", type=int, default=3,
                    help="hidden_states index for --head-readout (3: the input of the copy layer 3)")
+    p.add_argument("--phrase-readout", type=float, default=0.0,
+                   help="weight of a training-only readout at every noun phrase's shape word (' square' of 'the red "
+                        "square', of 'What color is the square?', of 'Is there a red square?') at hidden_states "
+                        "--phrase-readout-layer: which colours the shapes its phrase names have (8 independent yes/no) "
+                        "and how many shapes it names (0-4). Every item has such a word, so the value the phrase hop "
+                        "(--phrase-attn) gathers is asked to carry colour and number on every item, where "
+                        "--head-readout asks it on the few VQA items the noun alone decides (needs --phrase-attn)")
+    p.add_argument("--phrase-readout-layer", type=int, default=3,
+                   help="hidden_states index for --phrase-readout (3: the input of the copy layer 3)")
     p.add_argument("--word-attn", type=float, default=0.0,
                    help="weight of word-to-patch attention supervision: at --word-attn-layer, head --word-attn-head "
                         "of every shape / colour word of a prompt (' triangle', ' red') should attend to the patches "
@@ -578,6 +599,14 @@ def main(argv=None) -> None:
         if not 0 <= getattr(args, name) < cfg.text_config.num_hidden_layers:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: the decoder has layers "
                              f"0..{cfg.text_config.num_hidden_layers - 1}")
+    if args.phrase_readout > 0 and args.phrase_attn <= 0:
+        raise SystemExit("--phrase-readout reads the noun phrases of --phrase-attn: give --phrase-attn too")
+    if args.phrase_readout > 0 and not 1 <= args.phrase_readout_layer <= cfg.text_config.num_hidden_layers:
+        raise SystemExit(f"--phrase-readout-layer {args.phrase_readout_layer}: hidden_states "
+                         f"1..{cfg.text_config.num_hidden_layers}")
+    if args.phrase_readout > 0 and any(a is None for a in data.instances):
+        raise SystemExit("--phrase-readout counts shapes from instances.u8.npy: some shard lacks it "
+                         "(prepare_train.py --relabel writes it)")
     if args.phrase_sink and data.prefix[0] != rule.bos_id:
         raise SystemExit("--phrase-sink needs the prompt to start with BOS (the sink key)")
     aux = None
@@ -636,6 +665,13 @@ def main(argv=None) -> None:
                 torch.nn.init.zeros_(head.bias)
         named += [("aux.readout." + n, p) for n, p in readout.named_parameters()]
         print(f"[readout] VQA answer tokens ({len(vocab)} classes) read from hidden_states {args.readout_layers}")
+    phrase_readout = None
+    if args.phrase_readout > 0:  # colours (multi-label) + count classes 0..max shapes per image
+        n_count = max(make_data.SHAPES_PER_IMAGE) + 1
+        phrase_readout = torch.nn.Linear(cfg.text_config.hidden_size, len(make_data.COLORS) + n_count)
+        named += [("aux.phrase_readout." + n, p) for n, p in phrase_readout.named_parameters()]
+        print(f"[phrase-readout] colours and count (0..{n_count - 1}) of every noun phrase's shapes, read at its "
+              f"shape word at hidden_states {args.phrase_readout_layer}")
     fast = lambda n: n.startswith("linear_") or n.startswith("aux.")  # noqa: E731 (projector + aux head)
     groups = []
     for is_fast in (False, True):
@@ -656,6 +692,8 @@ def main(argv=None) -> None:
             readout.load_state_dict(s["readout"])
         if head_readout is not None and s.get("head_readout") is not None:
             head_readout.load_state_dict(s["head_readout"])
+        if phrase_readout is not None and s.get("phrase_readout") is not None:
+            phrase_readout.load_state_dict(s["phrase_readout"])
         opt.load_state_dict(s["optimizer"])
         st = s["state"]
         set_rng_state(s["rng"])
@@ -703,6 +741,7 @@ def main(argv=None) -> None:
                     "box": box_head.state_dict() if box_head is not None else None,
                     "readout": readout.state_dict() if readout is not None else None,
                     "head_readout": head_readout.state_dict() if head_readout is not None else None,
+                    "phrase_readout": phrase_readout.state_dict() if phrase_readout is not None else None,
                     "vision_pos": vision_pos.detach().clone() if vision_pos is not None else None,
                     "language_model": lm.state_dict(), "optimizer": opt.state_dict(),
                     "state": dict(st), "rng": rng_state(), "args": vars(args), "config": cfg.to_dict()})
@@ -718,7 +757,8 @@ def main(argv=None) -> None:
     order = data.order(args.seed, st["epoch"])
     log = {"loss": 0.0, "g_loss": 0.0, "g_n": 0, "v_loss": 0.0, "v_n": 0, "g_acc": 0, "v_acc": 0, "items": 0,
            "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "word": 0.0, "phrase": 0.0, "copy": 0.0, "box": 0.0, "ro": 0.0,
-           "ro_acc": 0.0, "ro_n": 0, "hr": 0.0, "hr_acc": 0, "hr_n": 0,
+           "ro_acc": 0.0, "ro_n": 0, "hr": 0.0, "hr_acc": 0, "hr_n": 0, "pr": 0.0, "pr_col": 0, "pr_cnt": 0,
+           "pr_n": 0,
            "t": time.perf_counter(), "steps": 0}
     calib_t = None
     proj.train()
@@ -739,7 +779,7 @@ def main(argv=None) -> None:
             st["pos"] = 0
             order = data.order(args.seed, st["epoch"])
         ids = order[st["pos"]:st["pos"] + args.batch_images].tolist()
-        b, (patch_labels, target_mask, row_box, words, early, phrases, heads, head_at, head_decides) = data.batch(
+        b, (patch_labels, target_mask, row_box, words, early, phrases, heads, head_at, head_decides, sets) = data.batch(
             ids, pad_id, vqa_targets=args.attn_sup_vqa, word_targets=args.word_attn > 0,
             phrase_targets=args.phrase_attn > 0 or args.copy_attn > 0, phrase_sink=args.phrase_sink)
         total_for_lr = st["total_steps"] or 10 ** 9
@@ -761,7 +801,8 @@ def main(argv=None) -> None:
             proj, lm, prefix_ids, image_mask, b, attn_layers=tuple(grab),
             vision_pos=vision_pos,
             hidden_layers=tuple(sorted(set(args.readout_layers if readout is not None else [])
-                                       | ({args.head_readout_layer} if head_readout is not None else set()))))
+                                       | ({args.head_readout_layer} if head_readout is not None else set())
+                                       | ({args.phrase_readout_layer} if phrase_readout is not None else set()))))
         tok_loss = F.cross_entropy(logits.float(), labels, reduction="none")
         w_tok = torch.where(lk, 1.0, args.vqa_weight)
         loss = (tok_loss * w_tok).sum() / w_tok.sum()
@@ -835,6 +876,20 @@ def main(argv=None) -> None:
                 hr_loss = F.cross_entropy(z, cls)
                 hr_hit, hr_n = int((z.argmax(-1) == cls).sum()), len(cls)
                 total_loss = total_loss + args.head_readout * hr_loss
+        pr_loss, pr_col, pr_cnt, pr_n = torch.zeros(()), 0, 0, 0
+        if phrase_readout is not None and phrases is not None and sets is not None:
+            p_rows, p_cols = phrases[0], phrases[1]
+            h_word = mid[0][args.phrase_readout_layer][p_rows, p_cols]
+            z = phrase_readout(h_word * torch.rsqrt(h_word.pow(2).mean(-1, keepdim=True) + 1e-6))
+            nc = len(make_data.COLORS)
+            named_colours, count = sets
+            pr_loss = (F.binary_cross_entropy_with_logits(z[:, :nc], named_colours.float())
+                       + F.cross_entropy(z[:, nc:], count.clamp(max=z.shape[1] - nc - 1)))
+            total_loss = total_loss + args.phrase_readout * pr_loss
+            with torch.no_grad():
+                pr_col = int(((z[:, :nc] > 0) == named_colours).all(1).sum())
+                pr_cnt = int((z[:, nc:].argmax(-1) == count).sum())
+                pr_n = len(count)
         opt.zero_grad(set_to_none=True)
         total_loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], args.clip)
@@ -857,6 +912,10 @@ def main(argv=None) -> None:
             log["hr"] += hr_loss.item()
             log["hr_acc"] += hr_hit
             log["hr_n"] += hr_n
+            log["pr"] += pr_loss.item()
+            log["pr_col"] += pr_col
+            log["pr_cnt"] += pr_cnt
+            log["pr_n"] += pr_n
             log["aux_acc"] += aux_acc
             log["g_loss"] += tok_loss[lk].sum().item()
             log["g_n"] += int(lk.sum())
@@ -889,6 +948,8 @@ def main(argv=None) -> None:
                      if readout is not None else "")
                   + (f", head readout {log['hr'] / log['steps']:.3f} acc {log['hr_acc'] / max(1, log['hr_n']):.3f}"
                      if head_readout is not None else "")
+                  + (f", phrase readout {log['pr'] / log['steps']:.3f} colours {log['pr_col'] / max(1, log['pr_n']):.3f}"
+                     f" count {log['pr_cnt'] / max(1, log['pr_n']):.3f}" if phrase_readout is not None else "")
                   + f") | {log['items'] / dt:.2f} samples/s, "
                   f"{dt / log['items']:.3f} s/sample, {dt / log['steps']:.2f} s/step | {st['samples']} samples, "
                   f"{elapsed() / 60:.1f} min", flush=True)
