@@ -464,8 +464,8 @@ def main(argv=None) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--init", type=Path, help="start from the weights of this checkpoint (new optimiser / schedule)")
     p.add_argument("--init-aux", action="store_true",
-                   help="with --init, also take the training-only heads (patch readout, box readout) from the "
-                        "checkpoint where it has them, instead of starting them afresh")
+                   help="with --init, also take the training-only heads (patch, box, VQA, head-noun and phrase "
+                        "readouts) from the checkpoint where it has them, instead of starting them afresh")
     p.add_argument("--projector-lr-mult", type=float, default=1.0, help="lr multiplier of the projector (+ aux head)")
     p.add_argument("--aux", type=float, default=0.5, help="weight of the auxiliary patch loss (0: off)")
     p.add_argument("--aux-obj-weight", type=float, default=5.0, help="weight of object patches in the readout")
@@ -683,17 +683,20 @@ def main(argv=None) -> None:
                     "weight_decay": 0.0, "lr_mult": args.projector_lr_mult if is_fast else 1.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     st = {"step": 0, "epoch": 0, "pos": 0, "samples": 0, "elapsed": 0.0, "total_steps": None}
+    # the training-only heads besides `aux`, by their checkpoint key
+    heads_by_key = {"box": box_head, "readout": readout, "head_readout": head_readout, "phrase_readout": phrase_readout}
+
+    def load_heads(s: dict) -> list[str]:
+        """Loads every head this run has and checkpoint `s` saved; returns their keys."""
+        taken = [k for k, h in heads_by_key.items() if h is not None and s.get(k) is not None]
+        for k in taken:
+            heads_by_key[k].load_state_dict(s[k])
+        return taken
+
     if args.resume and ckpt.exists():
         s = src
         load_weights(s, proj, lm, aux)
-        if box_head is not None and s.get("box") is not None:
-            box_head.load_state_dict(s["box"])
-        if readout is not None and s.get("readout") is not None:
-            readout.load_state_dict(s["readout"])
-        if head_readout is not None and s.get("head_readout") is not None:
-            head_readout.load_state_dict(s["head_readout"])
-        if phrase_readout is not None and s.get("phrase_readout") is not None:
-            phrase_readout.load_state_dict(s["phrase_readout"])
+        load_heads(s)
         opt.load_state_dict(s["optimizer"])
         st = s["state"]
         set_rng_state(s["rng"])
@@ -707,9 +710,7 @@ def main(argv=None) -> None:
         if args.init_aux:
             load_weights(s, proj, lm, aux)
             taken += ["aux"] if aux is not None and s.get("aux") is not None else []
-            if box_head is not None and s.get("box") is not None:
-                box_head.load_state_dict(s["box"])
-                taken.append("box")
+            taken += load_heads(s)
         else:
             load_weights(s, proj, lm)  # the aux heads start fresh
         print(f"[init] weights from {args.init} (step {s['state']['step']}, {s['state']['samples']} samples); "
@@ -738,10 +739,7 @@ def main(argv=None) -> None:
     def checkpoint(reason: str):
         st["elapsed"] = elapsed()
         save(ckpt, {"projector": proj.state_dict(), "aux": aux.state_dict() if aux is not None else None,
-                    "box": box_head.state_dict() if box_head is not None else None,
-                    "readout": readout.state_dict() if readout is not None else None,
-                    "head_readout": head_readout.state_dict() if head_readout is not None else None,
-                    "phrase_readout": phrase_readout.state_dict() if phrase_readout is not None else None,
+                    **{k: h.state_dict() if h is not None else None for k, h in heads_by_key.items()},
                     "vision_pos": vision_pos.detach().clone() if vision_pos is not None else None,
                     "language_model": lm.state_dict(), "optimizer": opt.state_dict(),
                     "state": dict(st), "rng": rng_state(), "args": vars(args), "config": cfg.to_dict()})
