@@ -161,16 +161,22 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=Path("models/nuwa-demo"))
     p.add_argument("--processor", type=Path, default=dc.CACHE / "demo-train-big" / "processor",
-                   help="the processor dir prepare_train.py wrote (tokenizer + <image> + image processor)")
+                   help="the processor dir prepare_train.py wrote (tokenizer + <image> + image processor); built "
+                        "afresh (demo_common.build_processor, as prepare_train.py builds it) when missing")
     p.add_argument("--out", type=Path, default=dc.CACHE / "demo-ckpt-from-model")
     p.add_argument("--tol", type=float, default=0.05, help="max relative difference torch vs ONNX (int8 activations)")
     args = p.parse_args(argv)
-    for f in (args.model / "manifest.json", args.processor):
-        if not f.exists():
-            raise SystemExit(f"{f} is missing")
+    if not (args.model / "manifest.json").exists():
+        raise SystemExit(f"{args.model / 'manifest.json'} is missing")
     from train import build
 
-    processor = dc.load_processor(args.processor)
+    if args.processor.exists():
+        processor = dc.load_processor(args.processor)
+    else:  # a fresh machine without prepare_train.py's features: the same processor, built where the checkpoint goes
+        print(f"[recover] {args.processor} missing: building the processor (demo_common.build_processor)")
+        processor = dc.build_processor()
+        args.processor = args.out / "processor"
+        processor.save_pretrained(str(args.processor))
     cfg, proj, lm = build(processor)
     p_sd, lm_sd, vpos, man = recover(args.model)
     if man["decoder"]["vocab_size"] != cfg.text_config.vocab_size:
