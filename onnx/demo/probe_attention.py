@@ -67,11 +67,7 @@ def main() -> None:
             raise SystemExit(f"{f} missing (see onnx/demo/README.md)")
     proc = dc.load_processor(args.processor)
     rule = dc.PromptRule(proc)
-    cfg, proj, lm = T.build(proc)
-    s = torch.load(args.ckpt, weights_only=False)
-    T.load_weights(s, proj, lm)
-    pos = s.get("vision_pos")
-    lm.eval()
+    cfg, proj, lm, pos = T.load_for_eval(args.ckpt, proc)
     n_layers, n_heads = cfg.text_config.num_hidden_layers, cfg.text_config.num_attention_heads
     for name, hop in (("--phrase", args.phrase), ("--copy", args.copy)):
         if hop and not (0 <= hop[0] < n_layers and 0 <= hop[1] < n_heads):

@@ -170,11 +170,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     proc = dc.load_processor(args.processor)
     rule = dc.PromptRule(proc)
-    cfg, proj, lm = T.build(proc)
-    s = torch.load(args.ckpt, weights_only=False)
-    T.load_weights(s, proj, lm)
-    vpos = s.get("vision_pos")
-    lm.eval()
+    cfg, proj, lm, vpos = T.load_for_eval(args.ckpt, proc)
     if not 1 <= args.split < cfg.text_config.num_hidden_layers:
         p.error(f"--split {args.split}: the decoder has layers 0..{cfg.text_config.num_hidden_layers - 1}")
     dec = SplitDecoder(lm, args.split)

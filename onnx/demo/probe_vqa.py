@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     proc = dc.load_processor(args.data / "processor")
     rule = dc.PromptRule(proc)
     data = T.Data([args.data], rule, kinds=("vqa",))
-    _, proj, lm = T.build(proc)
+    _, proj, lm, vp = T.load_for_eval(args.ckpt, proc)
     L, nh = len(lm.model.layers), lm.config.num_attention_heads
     for name in ("phrase", "copy"):
         v = getattr(args, name)
@@ -77,11 +77,6 @@ def main(argv=None) -> None:
     bad = [l for l in args.attn_layers if not 0 <= l < L]
     if bad:
         raise SystemExit(f"--attn-layers {bad}: the decoder has layers 0..{L - 1}")
-    s = torch.load(args.ckpt, weights_only=False)
-    T.load_weights(s, proj, lm)
-    vp = s.get("vision_pos")
-    proj.eval()
-    lm.eval()
     prefix_ids = torch.tensor(data.prefix)
     image_mask = prefix_ids == rule.image_token_id
     img_keys = torch.nonzero(image_mask).squeeze(1)

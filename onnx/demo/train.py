@@ -347,6 +347,17 @@ def load_weights(s: dict, proj, lm, aux=None) -> None:
         aux.load_state_dict(s["aux"])
 
 
+def load_for_eval(ckpt: Path, processor):
+    """(config, projector, decoder, vision position table or None) of checkpoint `ckpt`, in eval mode: what the
+    probes run."""
+    cfg, proj, lm = build(processor)
+    s = torch.load(ckpt, weights_only=False)
+    load_weights(s, proj, lm)
+    proj.eval()
+    lm.eval()
+    return cfg, proj, lm, s.get("vision_pos")
+
+
 def image_prefix(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, feats: torch.Tensor,
                  vision_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input embeddings of the shared prefix for each image [B, P, H], projected image tokens [B, 576, H])."""
