@@ -194,6 +194,17 @@ def norm_box(b, w: int, h: int) -> list[float]:
     return [min(max(v, 0.0), 1.0) for v in ((x1 + ox) / side, (y1 + oy) / side, (x2 + ox) / side, (y2 + oy) / side)]
 
 
+def cell_geometry(box: list[float], grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """For a [0,1] box of the padded square: (mask [grid*grid], raster order, of the cells whose centre lies in the
+    box; distance of each cell centre to the box, in cells, 0 inside)."""
+    c = (np.arange(grid) + 0.5) / grid
+    x1, y1, x2, y2 = box
+    inside = ((c[:, None] >= y1) & (c[:, None] <= y2) & (c[None, :] >= x1) & (c[None, :] <= x2)).reshape(-1)
+    dx = np.maximum(np.maximum(x1 - c, c - x2), 0)[None, :]
+    dy = np.maximum(np.maximum(y1 - c, c - y2), 0)[:, None]
+    return inside, (np.sqrt(dx ** 2 + dy ** 2) * grid).reshape(-1)
+
+
 def fmt_box(v: list[float]) -> str:
     return "[" + ", ".join(f"{x:.2f}" for x in v) + "]"
 

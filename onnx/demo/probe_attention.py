@@ -41,10 +41,7 @@ HELDOUT = dc.REPO / "data" / "heldout"
 
 def box_patches(bbox, width: int, height: int, grid: int) -> torch.Tensor:
     """[grid*grid] bool: patches whose centre lies in `bbox` (original pixels) after padding to a square."""
-    x1, y1, x2, y2 = make_data.norm_box(bbox, width, height)
-    c = (np.arange(grid) + 0.5) / grid
-    mx, my = (c >= x1) & (c <= x2), (c >= y1) & (c <= y2)
-    return torch.from_numpy((my[:, None] & mx[None, :]).reshape(-1))
+    return torch.from_numpy(make_data.cell_geometry(make_data.norm_box(bbox, width, height), grid)[0])
 
 
 def main() -> None:

@@ -48,22 +48,14 @@ sys.path.insert(0, str(HERE))
 import demo_common as dc  # noqa: E402
 import make_data  # noqa: E402
 import train as T  # noqa: E402
+from make_data import cell_geometry  # noqa: E402
+from probe_grounding import iou  # noqa: E402
 from nuwa_export.decoder import DecoderHead, DecoderTail  # noqa: E402
 
 HELDOUT = dc.REPO / "data" / "heldout"
 SELECTIONS = ("none", "signal", "target+signal", "target+near", "target-only", "signal-notarget", "random",
               "shapes-only", "photo-only", "all-but-target", "target+background")
 BOX = re.compile(r"\[\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\]")
-
-
-def cell_geometry(box: list[float], grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """(in-box mask [grid*grid], distance of each cell centre to the box, in cells) for a normalised box."""
-    c = (np.arange(grid) + 0.5) / grid
-    x1, y1, x2, y2 = box
-    inside = ((c[:, None] >= y1) & (c[:, None] <= y2) & (c[None, :] >= x1) & (c[None, :] <= x2)).reshape(-1)
-    dx = np.maximum(np.maximum(x1 - c, c - x2), 0)[None, :]
-    dy = np.maximum(np.maximum(y1 - c, c - y2), 0)[:, None]
-    return inside, (np.sqrt(dx ** 2 + dy ** 2) * grid).reshape(-1)
 
 
 def select(name: str, row: np.ndarray, inside: np.ndarray, dist: np.ndarray, keep: int,
@@ -95,15 +87,6 @@ def select(name: str, row: np.ndarray, inside: np.ndarray, dist: np.ndarray, kee
     else:
         raise ValueError(name)
     return np.sort(pick)
-
-
-def iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])  # noqa: E731
-    union = area(a) + area(b) - inter
-    return inter / union if union > 0 else 0.0
 
 
 class SplitDecoder:
@@ -165,8 +148,8 @@ def main() -> None:
     for f in (args.ckpt, args.vision, args.processor):
         if not f.exists():
             raise SystemExit(f"{f} missing (see onnx/demo/README.md)")
-    if args.keep < 1:
-        p.error("--keep must be >= 1")
+    if args.keep < 1 or args.max_new < 1 or args.items < 0 or args.seed < 0:
+        p.error("--keep and --max-new must be >= 1, --items and --seed >= 0")
     torch.set_num_threads(args.threads)
     proc = dc.load_processor(args.processor)
     rule = dc.PromptRule(proc)
@@ -181,25 +164,25 @@ def main() -> None:
     if args.items:
         items = items[:args.items]
     scenes = {x["image"]: x for x in map(json.loads, (HELDOUT / "heldout.scenes.jsonl").read_text().splitlines())}
-    rng = np.random.default_rng(args.seed)
     stats = collections.defaultdict(lambda: np.zeros(4))  # hits, iou sum, target cells kept, items
     mix = collections.defaultdict(lambda: np.zeros(4))  # kept tokens on the target, other shapes, photo, padding
     sink = args.json.open("w") if args.json else None
-    feats_of, t0 = {}, time.time()
+    rng = np.random.default_rng(args.seed)
+    image, t0 = None, time.time()
     for k, it in enumerate(items):
         sc = scenes[it["image"]]
-        if it["image"] not in feats_of:
-            feats_of.clear()
-            img = Image.open(HELDOUT / it["image"]).convert("RGB")
-            pv = proc.image_processor(images=img, return_tensors="np")["pixel_values"].astype(np.float32)
-            feats_of[it["image"]] = torch.from_numpy(sess.run(["features"], {"pixel_values": pv})[0][0])
-        feats = feats_of[it["image"]]
-        target = make_data.norm_box(it["bbox"], sc["width"], sc["height"])
+        w, h = sc["width"], sc["height"]
+        if it["image"] != image:  # items come grouped by image: the tower and the scene's cell masks once per image
+            image = it["image"]
+            pv = proc.image_processor(images=Image.open(HELDOUT / image).convert("RGB"),
+                                      return_tensors="np")["pixel_values"].astype(np.float32)
+            feats = torch.from_numpy(sess.run(["features"], {"pixel_values": pv})[0][0])
+            shapes = np.zeros(grid * grid, dtype=bool)
+            for x in sc["shapes"]:
+                shapes |= cell_geometry(make_data.norm_box(x["bbox"], w, h), grid)[0]
+            photo = cell_geometry(make_data.norm_box([0, 0, w, h], w, h), grid)[0]
+        target = make_data.norm_box(it["bbox"], w, h)
         inside, dist = cell_geometry(target, grid)
-        shapes = np.zeros_like(inside)
-        for x in sc["shapes"]:
-            shapes |= cell_geometry(make_data.norm_box(x["bbox"], sc["width"], sc["height"]), grid)[0]
-        photo = cell_geometry(make_data.norm_box([0, 0, sc["width"], sc["height"]], sc["width"], sc["height"]), grid)[0]
         ids = rule.ids(it["prompt"])
         img_pos = np.array([i for i, t in enumerate(ids) if t == rule.image_token_id])
         text_pos = np.array([i for i, t in enumerate(ids) if t != rule.image_token_id])
@@ -214,7 +197,7 @@ def main() -> None:
                 keep_pos = torch.from_numpy(np.sort(np.concatenate([text_pos, img_pos[kept]])))
                 text = rule.tk.decode(dec.generate(h, head_kv, keep_pos, rule.eos_id, args.max_new))
                 m = BOX.search(text)
-                v = iou([float(x) for x in m.groups()], target) if m else 0.0
+                v = float(iou(torch.tensor([[float(x) for x in m.groups()]]), torch.tensor([target]))) if m else 0.0
                 for key in (name, (name, it["qtype"])):
                     stats[key] += [v >= 0.5, v, inside[kept].sum() / max(1, inside.sum()), 1]
                 parts = [inside[kept].sum(), (shapes & ~inside)[kept].sum(), (photo & ~shapes)[kept].sum(),
@@ -229,10 +212,10 @@ def main() -> None:
           f"tail keeps {args.keep} of {dc.N_IMAGE_TOKENS} image tokens")
     print(f"{'selection':16s} {'hits':>5s} {'acc':>6s} {'mean IoU':>8s} {'target cells kept':>17s} "
           f"{'kept on target / other shapes / photo / padding':>47s}  by type (hits/items)")
+    qtypes = sorted({it["qtype"] for it in items})
     for name in args.selections:
         h_, v_, c_, n_ = stats[name]
-        types = "  ".join(f"{qt} {int(stats[(name, qt)][0])}/{int(stats[(name, qt)][3])}"
-                          for qt in sorted({q for q in (key[1] for key in stats if isinstance(key, tuple))}))
+        types = "  ".join(f"{qt} {int(stats[(name, qt)][0])}/{int(stats[(name, qt)][3])}" for qt in qtypes)
         on = " / ".join(f"{x / n_:.1f}" for x in mix[name])
         print(f"{name:16s} {int(h_):5d} {h_ / n_:6.3f} {v_ / n_:8.3f} {c_ / n_:17.0%} {on:>47s}  {types}")
     if sink:
