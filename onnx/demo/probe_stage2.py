@@ -19,10 +19,10 @@ original positions; decoding continues through both parts. Every selection is sc
 * `target-only`: the target's cells alone (however many: can be more or fewer than N);
 * `signal-notarget`: the top-N of the row among the cells off the target (what the box is written from when Stage 2
   misses the target entirely);
-* `random`: N seeded random image positions;
+* `random`: N random image positions (seeded per --seed, item and selection);
 * `shapes-only`, `photo-only`, `all-but-target` (N does not apply): every cell of every shape in the scene; every
   cell of the photo (not the padding); every cell but the target's;
-* `target+background`: the target's cells plus N seeded random cells of the photo that lie on no shape.
+* `target+background`: the target's cells plus N random cells (seeded likewise) of the photo that lie on no shape.
 
 A target cell is a patch whose centre lies in the target's box in the padded square (the eval's target-cell
 count). A hit is IoU >= 0.5 between the predicted box and the target box, both in the padded square's [0, 1]
@@ -167,7 +167,6 @@ def main() -> None:
     stats = collections.defaultdict(lambda: np.zeros(4))  # hits, iou sum, target cells kept, items
     mix = collections.defaultdict(lambda: np.zeros(4))  # kept tokens on the target, other shapes, photo, padding
     sink = args.json.open("w") if args.json else None
-    rng = np.random.default_rng(args.seed)
     image, t0 = None, time.time()
     for k, it in enumerate(items):
         sc = scenes[it["image"]]
@@ -193,6 +192,7 @@ def main() -> None:
             row_img = row[torch.from_numpy(img_pos)].numpy()
             rec = {"i": k, "qtype": it["qtype"], "target_cells": int(inside.sum())}
             for name in args.selections:
+                rng = np.random.default_rng([args.seed, k, SELECTIONS.index(name)])  # same draws in any --selections
                 kept = select(name, row_img, inside, dist, args.keep, rng, shapes, photo)
                 keep_pos = torch.from_numpy(np.sort(np.concatenate([text_pos, img_pos[kept]])))
                 text = rule.tk.decode(dec.generate(h, head_kv, keep_pos, rule.eos_id, args.max_new))
