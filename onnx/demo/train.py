@@ -476,7 +476,8 @@ def main(argv=None) -> None:
     p.add_argument("--init", type=Path, help="start from the weights of this checkpoint (new optimiser / schedule)")
     p.add_argument("--init-aux", action="store_true",
                    help="with --init, also take the training-only heads (patch, box, VQA, head-noun and phrase "
-                        "readouts) from the checkpoint where it has them, instead of starting them afresh")
+                        "readouts) from the checkpoint where it has them, instead of starting them afresh (a checkpoint "
+                        "recover_checkpoint.py read back from a shipped model has them when given --heads)")
     p.add_argument("--projector-lr-mult", type=float, default=1.0, help="lr multiplier of the projector (+ aux head)")
     p.add_argument("--aux", type=float, default=0.5, help="weight of the auxiliary patch loss (0: off)")
     p.add_argument("--aux-obj-weight", type=float, default=5.0, help="weight of object patches in the readout")
