@@ -26,6 +26,8 @@ fn json(o: &Output) -> Value {
 }
 
 const MODEL: &str = "models/nuwa-demo";
+/// The answer words the demo model is trained on for colour questions (onnx/demo/make_data.py COLORS).
+const COLOURS: [&str; 8] = ["red", "green", "blue", "yellow", "purple", "orange", "pink", "white"];
 /// 481x640, see examples/README.md. Portrait: LLaVA's expand-to-square pastes it into a 640x640 square at x = 79
 /// (`(640 - 481) // 2`, an integer paste offset, as PIL's `paste` takes).
 const IMAGE: &str = "examples/shapes-tennis.jpg";
@@ -67,13 +69,12 @@ fn a_grounding_answer_is_a_box_mapped_back_to_the_original_pixels() {
 
 #[test]
 fn vqa_answers_come_in_the_trained_formats() {
-    let colours = ["red", "green", "blue", "yellow", "purple", "orange", "pink", "white"];
     for (q, ok) in [
         ("Is there a purple circle in the image? Answer the question using a single word or phrase.", &["yes", "no"][..]),
         ("Is there a red star in the image?", &["yes", "no"][..]),
         // The image's one triangle (yellow). Its circle (purple) gets "red0 no" from phase u: the stray-digit defect
         // held_out_accuracy_on_a_slice counts (3 of 194 held-out colour answers, and one bare "0").
-        ("What color is the triangle? Answer the question using a single word or phrase.", &colours[..]),
+        ("What color is the triangle? Answer the question using a single word or phrase.", &COLOURS[..]),
         ("How many squares are there in the image?", &["0", "1", "2", "3", "4"][..]),
     ] {
         let v = run(q, &[]);
@@ -102,7 +103,7 @@ fn held_out_accuracy_on_a_slice() {
     assert!(q >= 0.60, "VQA accuracy {q:.3} < 0.60 (measured 0.672 for phase u, 0.622 for t, 0.580 for r; answer prior ~0.41): {v}");
     // Answer formats: one word, yes / no, a count or a colour. Phase u writes a stray digit after 3 of its 194 held-out
     // colour answers ("pink0"; t 3 too), 2 of them in this slice.
-    let words = ["yes", "no", "0", "1", "2", "3", "4", "red", "green", "blue", "yellow", "purple", "orange", "pink", "white"];
+    let words: Vec<&str> = ["yes", "no", "0", "1", "2", "3", "4"].into_iter().chain(COLOURS).collect();
     let mut vqa = 0;
     let mut malformed = Vec::new();
     for line in lines.lines() {

@@ -45,6 +45,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import demo_common as dc  # noqa: E402
+from train import TRAINING_HEADS as HEADS, build  # noqa: E402  (HEADS: the training-only heads' keys)
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj"]
@@ -129,10 +130,6 @@ def recover(model_dir: Path) -> tuple[dict, dict, torch.Tensor | None, dict]:
     vpos = torch.from_numpy(vinits["feature_offset"].copy()) if "feature_offset" in vinits else None
     as_t = lambda d: {k: torch.tensor(np.asarray(v, dtype=np.float32)) for k, v in d.items()}  # noqa: E731
     return as_t(proj), as_t(sd), vpos, man
-
-
-# train.py's checkpoint keys of the training-only heads (each a state dict or None)
-HEADS = ("aux", "box", "readout", "head_readout", "phrase_readout")
 
 
 def save_heads(ckpt: Path, out: Path, model_id: str) -> None:
@@ -226,8 +223,6 @@ def main(argv=None) -> None:
         return
     if not (args.model / "manifest.json").exists():
         raise SystemExit(f"{args.model / 'manifest.json'} is missing")
-    from train import build
-
     if args.processor.exists():
         processor = dc.load_processor(args.processor)
     else:  # a fresh machine without prepare_train.py's features: the same processor, built where the checkpoint goes

@@ -338,6 +338,11 @@ def sincos_2d(grid: int, dim: int, scale: float) -> torch.Tensor:
     return (torch.cat(parts, 1) * scale).float()
 
 
+# checkpoint keys of the training-only heads (state dict or None each): the patch readout ("aux") and the heads of
+# main()'s heads_by_key; recover_checkpoint.py carries them between machines
+TRAINING_HEADS = ("aux", "box", "readout", "head_readout", "phrase_readout")
+
+
 def load_weights(s: dict, proj, lm, aux=None) -> None:
     """Projector, decoder (lm_head re-tied) and, when given and saved, the aux head of checkpoint `s`."""
     proj.load_state_dict(s["projector"])
@@ -697,6 +702,7 @@ def main(argv=None) -> None:
     st = {"step": 0, "epoch": 0, "pos": 0, "samples": 0, "elapsed": 0.0, "total_steps": None}
     # the training-only heads besides `aux`, by their checkpoint key
     heads_by_key = {"box": box_head, "readout": readout, "head_readout": head_readout, "phrase_readout": phrase_readout}
+    assert ("aux", *heads_by_key) == TRAINING_HEADS, "TRAINING_HEADS out of step with the heads saved here"
 
     def load_heads(s: dict) -> list[str]:
         """Loads every head this run has and checkpoint `s` saved; returns their keys."""
