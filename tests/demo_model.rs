@@ -4,9 +4,8 @@
 //! Acc@0.5 0.731 and VQA 0.751 unpruned for phase v; on the slice below 0.686, mean IoU 0.563, VQA 0.714) and above
 //! what earlier or broken weights reach (grounding on the slice: 0.207 for phase g, 0.322 for phase i, 0.405 for
 //! phase j, 0.488 for phase k, 0.570 for phase o, 0.628 for phase t, 0.653 for phase u; 0.003 for the session-2
-//! weights). VQA at the
-//! answer prior, where phase o still was (every count "1", existence at chance), scores 0.41 on the whole set; phase
-//! r reached 0.580 on the slice, t 0.622, u 0.672.
+//! weights). VQA at the answer prior, where phase o still was (every count "1", existence at chance), scores 0.41 on
+//! the whole set; phase r reached 0.580 on the slice, t 0.622, u 0.672.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
