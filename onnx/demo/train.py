@@ -73,6 +73,8 @@ class Data:
                 self.words[word_id(rule, w)] = ("shape", k)
         for c, name in enumerate(make_data.COLORS):
             self.words[word_id(rule, name)] = ("colour", c)
+        for z, name in enumerate(SIZE_WORDS):  # superlatives; only --phrase-size reads them
+            self.words[word_id(rule, name)] = ("size", z)
         self.dot_id = rule.tk.encode(".", add_special_tokens=False).ids[0]
         self.prefix = None
         for r, root in enumerate(roots):
@@ -132,7 +134,7 @@ class Data:
         return np.random.default_rng([seed, epoch]).permutation(len(self.images))
 
     def batch(self, img_ids, pad_id: int, vqa_targets: bool = False, word_targets: bool = False,
-              phrase_targets: bool = False, phrase_sink: bool = False):
+              phrase_targets: bool = False, phrase_sink: bool = False, phrase_size: bool = False):
         feats = torch.from_numpy(np.stack([self.feats[self.images[i][0]][self.images[i][1]] for i in img_ids])
                                  .astype(np.float32))
         labs = [self.labels[self.images[i][0]] for i in img_ids]
@@ -190,7 +192,8 @@ class Data:
         # noun phrases: every shape word and the patches of the shapes its phrase names, with the colour word just
         # before it ("the red square" -> the red squares); the item's head noun (its first shape word), which the
         # answer should read the referent from
-        phrases = (word_patches(said, lab, shape, colour, phrases=True, sink=phrase_sink)
+        phrases = (word_patches(said, lab, shape, colour, phrases=True, sink=phrase_sink,
+                                inst=inst[torch.tensor(owner)] if phrase_size and inst is not None else None)
                    if lab is not None and phrase_targets else None)
         heads = torch.tensor([min((t for t, what, _ in w if what == "shape"), default=-1) for w in said])
         sets = phrase_sets(phrases, colour, inst[torch.tensor(owner)]) if phrases is not None and inst is not None \
@@ -202,22 +205,32 @@ class Data:
                                                                  torch.tensor(decides, dtype=torch.bool), sets)
 
 
-def word_patches(said, lab, shape, colour, phrases: bool, sink: bool = False):
+def word_patches(said, lab, shape, colour, phrases: bool, sink: bool = False, inst=None):
     """(item rows, suffix positions, [n, 576] patch masks, [n] bool: the word names nothing and should attend to the
     BOS token instead) of the prompt words that name something in the image, or None. Per word (phrases=False): a
     shape word names every shape of its kind, a colour word every shape of its colour. Per noun phrase
     (phrases=True): shape words only, narrowed by the colour word just before them; with `sink`, a phrase that names
     nothing ("Is there a red circle?" without one) is kept with an empty mask, so "found nothing" becomes a state
-    the answer can read (attention on BOS) rather than attention spread over whatever matches best."""
+    the answer can read (attention on BOS) rather than attention spread over whatever matches best. With the items'
+    instance maps `inst` ([M, 576]: 0 = background, k + 1 = shape k; --phrase-size), a superlative just before the
+    shape word ("the largest square") narrows the phrase to the shape of that kind with the most / fewest patches,
+    so the phrase's state has to hold which one is meant (make_data names a superlative only where the areas differ
+    by >= 1.6x)."""
     rows, cols, masks, empty = [], [], [], []
     for m, item_words in enumerate(said):
         colour_at = {t: idx for t, what, idx in item_words if what == "colour"}
+        size_at = {t: idx for t, what, idx in item_words if what == "size"}
         for t, what, idx in item_words:
             if what == "shape":
                 mask = (lab[m] > 0) & (shape[m] == idx)
                 if phrases and t - 1 in colour_at:
                     mask &= colour[m] == colour_at[t - 1]
-            elif phrases:
+                if phrases and inst is not None and t - 1 in size_at:
+                    ids, n = torch.unique(inst[m][mask & (inst[m] > 0)], return_counts=True)
+                    if len(ids) >= 2:
+                        pick = n.argmax() if SIZE_WORDS[size_at[t - 1]] == "largest" else n.argmin()
+                        mask &= inst[m] == ids[pick]
+            elif phrases or what == "size":
                 continue
             else:
                 mask = (lab[m] > 0) & (colour[m] == idx)
@@ -240,9 +253,33 @@ def phrase_sets(phrases, colour, inst) -> tuple[torch.Tensor, torch.Tensor]:
     return named.any(1), shapes[..., 1:].any(1).sum(1)
 
 
+SIZE_WORDS = ("largest", "smallest")  # make_data's superlatives
+
+
 def word_id(rule: dc.PromptRule, word: str) -> int:
     """The token id of " word" (every colour and shape word, singular or plural, is one token)."""
     return rule.tk.encode(" " + word, add_special_tokens=False).ids[0]
+
+
+def check_phrase_size(data: Data, pad_id: int, n_images: int = 200) -> None:
+    """--check --phrase-size: on the first images, every superlative grounding item's head-noun phrase must name
+    exactly its target's patches (make_data picks the target by the shapes' drawn areas, --phrase-size by their
+    patches in the instance maps; they agree unless overlaps hide most of a shape)."""
+    same = n = 0
+    for lo in range(0, min(n_images, len(data.images)), 8):
+        ids = list(range(lo, min(lo + 8, n_images, len(data.images))))
+        _, extra = data.batch(ids, pad_id, phrase_targets=True, phrase_size=True)
+        target_mask, phrases, head_at = extra[1], extra[5], extra[7]
+        items = [j for i in ids for j in data.images[i][2]]
+        for m, j in enumerate(items):
+            if data.qtypes[j] == "superl" and phrases is not None and target_mask is not None:
+                sel = (phrases[0] == m) & (phrases[1] == head_at[m])
+                n += 1
+                same += int(sel.sum()) == 1 and torch.equal(phrases[2][sel][0], target_mask[m])
+    print(f"[check] --phrase-size: {same} of {n} superlative expressions in the first {n_images} images name "
+          f"exactly their target")
+    if n == 0 or same < n:
+        raise SystemExit("--phrase-size does not narrow every superlative phrase to its target on this data")
 
 
 def vqa_selector(it: dict) -> tuple[int, int] | None:
@@ -554,6 +591,10 @@ def main(argv=None) -> None:
     p.add_argument("--phrase-sink", action="store_true",
                    help="with --phrase-attn, a noun phrase that names no shape in the image (an existence question "
                         "answered no) should attend to the BOS token (prompt position 0) instead")
+    p.add_argument("--phrase-size", action="store_true",
+                   help="noun phrases with a superlative (\"the largest square\") name only that shape (the one of "
+                        "its kind with the most / fewest patches) for --phrase-attn, --copy-attn and --phrase-readout; "
+                        "without it they name every shape of the kind")
     p.add_argument("--phrase-layer", type=int, default=1)
     p.add_argument("--phrase-head", type=int, default=0)
     p.add_argument("--copy-attn", type=float, default=0.0,
@@ -600,6 +641,8 @@ def main(argv=None) -> None:
         print(f"[check] shared-prefix vs full-sequence logits over {a.shape[0]} answer positions: max abs {err:.3g}")
         if err > 1e-4:
             raise SystemExit("shared-prefix forward differs from the full sequence")
+        if args.phrase_size:
+            check_phrase_size(data, pad_id)
         return
 
     bad = [l for l in args.attn_layer if not 0 <= l < cfg.text_config.num_hidden_layers]
@@ -626,6 +669,11 @@ def main(argv=None) -> None:
                          "(prepare_train.py --relabel writes it)")
     if args.phrase_sink and data.prefix[0] != rule.bos_id:
         raise SystemExit("--phrase-sink needs the prompt to start with BOS (the sink key)")
+    if args.phrase_size and not (args.phrase_attn > 0 or args.copy_attn > 0):
+        raise SystemExit("--phrase-size narrows the noun phrases of --phrase-attn / --copy-attn: give one of them")
+    if args.phrase_size and any(a is None for a in data.instances):
+        raise SystemExit("--phrase-size finds the largest / smallest shape in instances.u8.npy: some shard lacks it "
+                         "(prepare_train.py --relabel writes it)")
     aux = None
     if args.aux > 0:
         aux = AuxHead(cfg.text_config.hidden_size, [word_id(rule, c) for c in make_data.COLORS],
@@ -797,7 +845,8 @@ def main(argv=None) -> None:
         ids = order[st["pos"]:st["pos"] + args.batch_images].tolist()
         b, (patch_labels, target_mask, row_box, words, early, phrases, heads, head_at, head_decides, sets) = data.batch(
             ids, pad_id, vqa_targets=args.attn_sup_vqa, word_targets=args.word_attn > 0,
-            phrase_targets=args.phrase_attn > 0 or args.copy_attn > 0, phrase_sink=args.phrase_sink)
+            phrase_targets=args.phrase_attn > 0 or args.copy_attn > 0, phrase_sink=args.phrase_sink,
+            phrase_size=args.phrase_size)
         total_for_lr = st["total_steps"] or 10 ** 9
         lr = lr_at(st["step"], total_for_lr, args)
         for g in opt.param_groups:
