@@ -72,8 +72,9 @@ def main(argv=None) -> None:
         elif box is None:
             verdict = "no box"
         else:
-            best = max(range(len(shapes)), key=lambda k: iou(box, shapes[k]["bbox"]))
-            if iou(box, shapes[best]["bbox"]) < 0.5:
+            overlaps = [iou(box, s["bbox"]) for s in shapes]
+            best = max(range(len(shapes)), key=overlaps.__getitem__)
+            if overlaps[best] < 0.5:
                 verdict = "on no shape"
             elif shapes[best]["kind"] == kind:
                 verdict = "another shape of the same kind"

@@ -176,11 +176,13 @@ class Data:
         if patch_labels is not None and (vqa_targets or word_targets or phrase_targets):
             lab = patch_labels[torch.tensor(owner)]
             colour, shape = (lab - 1) // len(make_data.SHAPES), (lab - 1) % len(make_data.SHAPES)
+        # each item's instance map (0 = background, k + 1 = shape k): [M, 576]
+        item_inst = inst[torch.tensor(owner)] if inst is not None else None
         # target patches per item (grounding items whose shard has instance maps): [M, 576] bool
         target_mask = None
-        if inst is not None:
+        if item_inst is not None:
             t = torch.tensor(targets)
-            target_mask = (inst[torch.tensor(owner)] == (t + 1)[:, None]) & (t >= 0)[:, None]
+            target_mask = (item_inst == (t + 1)[:, None]) & (t >= 0)[:, None]
             if lab is not None and vqa_targets:  # VQA items: the patches of the shapes asked about
                 for m, vsel in enumerate(vsels):
                     if vsel is not None:
@@ -193,11 +195,10 @@ class Data:
         # before it ("the red square" -> the red squares); the item's head noun (its first shape word), which the
         # answer should read the referent from
         phrases = (word_patches(said, lab, shape, colour, phrases=True, sink=phrase_sink,
-                                inst=inst[torch.tensor(owner)] if phrase_size and inst is not None else None)
+                                inst=item_inst if phrase_size else None)
                    if lab is not None and phrase_targets else None)
         heads = torch.tensor([min((t for t, what, _ in w if what == "shape"), default=-1) for w in said])
-        sets = phrase_sets(phrases, colour, inst[torch.tensor(owner)]) if phrases is not None and inst is not None \
-            else None
+        sets = phrase_sets(phrases, colour, item_inst) if phrases is not None and item_inst is not None else None
         return (feats, torch.tensor(owner), ids, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels),
                 torch.tensor(lk, dtype=torch.bool), len(seqs)), (patch_labels, target_mask, torch.tensor(row_box),
                                                                  words, torch.tensor(early), phrases,
