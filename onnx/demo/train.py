@@ -10,7 +10,9 @@ its `features` output was computed once per image with the exported ONNX graph.
 Sequence = EXACTLY the runtime's prompt: BOS + "USER: " + <image> x 576 + "\\n{prompt} ASSISTANT:" (tokenized whole,
 no special tokens, demo_common.PromptRule = nuwa_export.manifest.runtime_input_ids), positions 0..L-1, the 576
 image-token embeddings replaced by the projected features; then the answer (" " + answer) and EOS, teacher-forced.
-Loss (cross-entropy) and logits only at the answer positions (lm_head on those rows only).
+Loss (cross-entropy) and logits only at the answer positions (lm_head on those rows only); VQA answer tokens x
+--vqa-weight, and --item-weight scales chosen kinds of item (by make_data's qtype, optionally its answer), so rare
+or hard ones (superlatives, counts of 3-4) weigh more without changing the data order.
 
 Shared-prefix batching (mathematically identical to one full sequence per item; `--check` verifies it): every item
 of an image has the same first P = 580 tokens (BOS, "USER: ", 576 image tokens), so a step runs the decoder once over
@@ -64,6 +66,7 @@ class Data:
         #  [(suffix position, "shape" | "colour", index)] of the shape and colour words the prompt says)
         self.items = []
         self.qtypes = []  # per item: make_data's qtype (attr, position, ..., exist, color, count)
+        self.vqa_answers = []  # per item: a VQA item's answer text, None for grounding
         # per item: the head noun alone decides the answer (existence, count, "What color is the <shape>?"), so
         # --head-readout may ask it of the head noun's state (a qualifier after the noun is not visible there)
         self.head_decides = []
@@ -112,6 +115,7 @@ class Data:
                     raise SystemExit(f"item {it} does not share the image prefix")
                 by_img.setdefault(it["local"], []).append(len(self.items))
                 self.qtypes.append(it.get("qtype"))
+                self.vqa_answers.append(it["answer"] if it["kind"] == "vqa" else None)
                 plain_colour = re.fullmatch(r"What color is the \w+\?.*", it["prompt"]) is not None
                 self.head_decides.append(it.get("qtype") in ("exist", "count")
                                          or (it.get("qtype") == "color" and plain_colour))
@@ -130,6 +134,28 @@ class Data:
                 raise SystemExit(f"{d}: partial shard followed by more shards")
         self.prefix = prefix
 
+    def item_weights(self, spec: list[str]) -> np.ndarray:
+        """Per-item weights of the answer loss from `QTYPE=W` / `QTYPE:ANSWER=W` entries (the more specific wins;
+        everything else 1)."""
+        table = {}
+        for entry in spec:
+            key, _, w = entry.partition("=")
+            try:
+                table[key] = float(w)
+            except ValueError:
+                raise SystemExit(f"--item-weight {entry!r}: expected QTYPE=W or QTYPE:ANSWER=W") from None
+        known = set(self.qtypes)
+        for key in table:
+            if key.split(":")[0] not in known:
+                raise SystemExit(f"--item-weight {key!r}: no item has qtype {key.split(':')[0]!r} "
+                                 f"(the data has {sorted(q for q in known if q)})")
+        return np.array([table.get(f"{q}:{a}", table.get(q, 1.0)) for q, a in zip(self.qtypes, self.vqa_answers)],
+                        dtype=np.float32)
+
+    def image_items(self, img_ids) -> list[int]:
+        """The item ids of these images, in the order batch() lays them out."""
+        return [j for i in img_ids for j in self.images[i][2]]
+
     def order(self, seed: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([seed, epoch]).permutation(len(self.images))
 
@@ -145,7 +171,7 @@ class Data:
                 if all(a is not None for a in insts) else None)
         owner, seqs, tgts, kinds, targets, boxes, vsels, said, decides = [], [], [], [], [], [], [], [], []
         for b, i in enumerate(img_ids):
-            for j in self.images[i][2]:
+            for j in self.images[i][2]:  # the order of image_items()
                 suf, ans, kind, target, box, vsel, spoken = self.items[j]
                 decides.append(self.head_decides[j])
                 vsels.append(vsel)
@@ -604,6 +630,8 @@ def main(argv=None) -> None:
                         "first shape word), from which --phrase-attn makes the referent readable (0: off)")
     p.add_argument("--copy-layer", type=int, default=3)
     p.add_argument("--copy-head", type=int, default=0)
+    p.add_argument("--item-weight", nargs="+", default=[], metavar="QTYPE[:ANSWER]=W",
+                   help="weight of these items' answer loss, e.g. superl=3 count:4=3 (rare or hard kinds of item)")
     p.add_argument("--kinds", nargs="+", choices=["grounding", "vqa"], default=["grounding", "vqa"],
                    help="train on these item kinds only (default both; one kind isolates a task for a diagnosis)")
     p.add_argument("--stop-step", type=int, help="checkpoint and stop at this step (the schedule keeps its horizon)")
@@ -624,6 +652,9 @@ def main(argv=None) -> None:
         shutil.copytree(args.data[0] / "processor", out / "processor")
     rule = dc.PromptRule(processor)
     data = Data(args.data, rule, args.limit_images, args.repeat, tuple(args.kinds))
+    item_w = data.item_weights(args.item_weight) if args.item_weight else None
+    if item_w is not None:
+        print(f"[data] --item-weight: {int((item_w != 1).sum())} items reweighted, mean weight {item_w.mean():.3f}")
     torch.manual_seed(args.seed)
     cfg, proj, lm = build(processor)
     prefix_ids = torch.tensor(data.prefix)
@@ -871,6 +902,8 @@ def main(argv=None) -> None:
                                        | ({args.phrase_readout_layer} if phrase_readout is not None else set()))))
         tok_loss = F.cross_entropy(logits.float(), labels, reduction="none")
         w_tok = torch.where(lk, 1.0, args.vqa_weight)
+        if item_w is not None:
+            w_tok = w_tok * torch.from_numpy(item_w[data.image_items(ids)])[b[3]]
         loss = (tok_loss * w_tok).sum() / w_tok.sum()
         aux_loss, aux_acc = (aux.loss(img, patch_labels, lm) if aux is not None else (torch.zeros(()), 0.0))
         total_loss = loss + args.aux * aux_loss
