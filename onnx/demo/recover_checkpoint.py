@@ -20,8 +20,8 @@ quantised from (the difference is the rounding, at most 0.4 % of the largest wei
 Training-only heads (patch readout, box readout, VQA readouts) are not part of the runtime model. They are small
 (~17k parameters), so they are committed beside the recipe, one file per shipped model, tagged with its manifest id:
 
-  .venv/bin/python onnx/demo/recover_checkpoint.py --save-heads .cache/demo-ckpt-w/last.pt --id nuwa-demo-w \
-      --heads onnx/demo/heads/nuwa-demo.safetensors          # after exporting the model with --id nuwa-demo-w
+  .venv/bin/python onnx/demo/recover_checkpoint.py --save-heads .cache/demo-ckpt-y/last.pt --id nuwa-demo-y \
+      --heads onnx/demo/heads/nuwa-demo.safetensors          # after exporting the model with --id nuwa-demo-y
   .venv/bin/python onnx/demo/recover_checkpoint.py --model models/nuwa-demo --heads onnx/demo/heads/nuwa-demo.safetensors
 
 With --heads the recovered checkpoint carries them (train.py --init ... --init-aux takes them); the file's id must be
