@@ -144,11 +144,16 @@ class Data:
                 table[key] = float(w)
             except ValueError:
                 raise SystemExit(f"--item-weight {entry!r}: expected QTYPE=W or QTYPE:ANSWER=W") from None
+            if not (math.isfinite(table[key]) and table[key] >= 0):
+                raise SystemExit(f"--item-weight {entry!r}: the weight must be finite and >= 0")
         known = set(self.qtypes)
+        answers = {f"{q}:{a}" for q, a in zip(self.qtypes, self.vqa_answers) if a is not None}
         for key in table:
             if key.split(":")[0] not in known:
                 raise SystemExit(f"--item-weight {key!r}: no item has qtype {key.split(':')[0]!r} "
                                  f"(the data has {sorted(q for q in known if q)})")
+            if ":" in key and key not in answers:
+                raise SystemExit(f"--item-weight {key!r}: no {key.split(':')[0]} item has that answer")
         return np.array([table.get(f"{q}:{a}", table.get(q, 1.0)) for q, a in zip(self.qtypes, self.vqa_answers)],
                         dtype=np.float32)
 
