@@ -302,8 +302,7 @@ def check_phrase_size(data: Data, pad_id: int, n_images: int = 200) -> None:
         ids = list(range(lo, min(lo + 8, n_images, len(data.images))))
         _, extra = data.batch(ids, pad_id, phrase_targets=True, phrase_size=True)
         target_mask, phrases, head_at = extra[1], extra[5], extra[7]
-        items = [j for i in ids for j in data.images[i][2]]
-        for m, j in enumerate(items):
+        for m, j in enumerate(data.image_items(ids)):
             if data.qtypes[j] == "superl" and phrases is not None and target_mask is not None:
                 sel = (phrases[0] == m) & (phrases[1] == head_at[m])
                 n += 1
