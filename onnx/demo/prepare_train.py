@@ -86,7 +86,7 @@ def generate(args, i: int, lo: int, bgs, perm):
     """Image i of the set: (PIL image, its items with shard fields, patch labels, patch instances)."""
     img, its, scene, shapes = make_data.generate_one("train", args.seed, i, bgs, perm, args.grounding_per_image,
                                                      args.vqa_rounds, shapes_range(args.shapes),
-                                                     size_range(args.sizes))
+                                                     size_range(args.sizes), args.repeat_kind)
     inst = make_data.patch_instances(shapes, scene["width"], scene["height"])
     items = [{**it, "index": i, "local": i - lo, "width": scene["width"], "height": scene["height"]} for it in its]
     return img, scene, items, make_data.patch_labels(shapes, inst), inst
@@ -138,12 +138,17 @@ def main() -> None:
     lo, hi = make_data.SIZE_RANGE
     p.add_argument("--sizes", default=f"{lo * 100:g}-{hi * 100:g}",
                    help="shape diameter, MIN-MAX percent of the image's shorter side")
+    p.add_argument("--repeat-kind", type=float, default=make_data.REPEAT_KIND,
+                   help="probability that a shape after the first repeats a kind already present (more scenes with "
+                        "3-4 shapes of one kind: counts of 3-4, positional qualifiers among shapes of a kind)")
     p.add_argument("--relabel", action="store_true", help="rewrite items + labels of finished shards (no tower run)")
     p.add_argument("--vision", type=Path, default=dc.VISION_336 / "vision.int8.onnx")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quality", type=int, default=92, help="JPEG quality (make_data.py default)")
     p.add_argument("--no-images", action="store_true", help="do not keep the JPEGs (features only)")
     args = p.parse_args()
+    if not 0 <= args.repeat_kind <= 1:
+        raise SystemExit(f"--repeat-kind {args.repeat_kind}: want a probability in [0, 1]")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     if not args.vision.exists():
@@ -152,17 +157,21 @@ def main() -> None:
     meta_path = out / "meta.json"
     meta = {"split": "train", "seed": args.seed, "shard_size": args.shard_size,
             "grounding_per_image": args.grounding_per_image, "vqa_rounds": args.vqa_rounds, "quality": args.quality,
-            "shapes": args.shapes, "sizes": args.sizes,
+            "shapes": args.shapes, "sizes": args.sizes, "repeat_kind": args.repeat_kind,
             "vision": {"file": str(args.vision), "bytes": args.vision.stat().st_size, "sha256": sha256(args.vision),
                        "output": "features", "dtype": "float16"},
             "preprocessing": "LlavaImageProcessorPil (demo_common.build_processor): pad 336 bicubic, DINOv2 mean/std"}
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        for k in ("seed", "shard_size", "grounding_per_image", "vqa_rounds", "quality", "shapes", "sizes"):
+        for k in ("seed", "shard_size", "grounding_per_image", "vqa_rounds", "quality", "shapes", "sizes",
+                  "repeat_kind"):
             if args.relabel and k in ("grounding_per_image", "vqa_rounds"):
                 continue
-            if old.get(k, {"vqa_rounds": 1, "shapes": "2-6", "sizes": "9-35"}.get(k)) != meta[k]:
-                raise SystemExit(f"{out} was prepared with {k}={old.get(k)} (now {meta[k]}): use another --out")
+            # keys an older meta.json lacks: the values those sets were made with
+            was = old.get(k, {"vqa_rounds": 1, "shapes": "2-6", "sizes": "9-35",
+                              "repeat_kind": make_data.REPEAT_KIND}.get(k))
+            if was != meta[k]:
+                raise SystemExit(f"{out} was prepared with {k}={was} (now {meta[k]}): use another --out")
         if old["vision"]["sha256"] != meta["vision"]["sha256"]:
             raise SystemExit(f"{out} was extracted with another vision graph ({old['vision']['file']})")
     meta["n"] = max(args.n, json.loads(meta_path.read_text())["n"] if meta_path.exists() else 0)
