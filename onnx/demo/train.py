@@ -79,6 +79,10 @@ class Data:
         for z, name in enumerate(SIZE_WORDS):  # superlatives; only --phrase-size reads them
             self.words[word_id(rule, name)] = ("size", z)
         self.dot_id = rule.tk.encode(".", add_special_tokens=False).ids[0]
+        # per item: the suffix position of a position qualifier's last word ("the circle at the >bottom<", "What
+        # color is the star on the >left<?"), -1 without one; --qual-attn supervises it
+        self.qual_at = []
+        self.qual_ids = {word_id(rule, w) for w in QUAL_WORDS}
         self.prefix = None
         for r, root in enumerate(roots):
             first = len(self.images)
@@ -121,6 +125,8 @@ class Data:
                                          or (it.get("qtype") == "color" and plain_colour))
                 g = it["kind"] == "grounding"
                 suffix = ids[len(prefix):]
+                self.qual_at.append(max((t for t, x in enumerate(suffix) if x in self.qual_ids), default=-1)
+                                    if QUAL_RE.search(it["prompt"]) else -1)
                 self.items.append((suffix, rule.answer_ids(it["answer"]), it["kind"],
                                    it.get("target", -1) if g else -1, json.loads(it["answer"]) if g else None,
                                    None if g else vqa_selector(it),
@@ -230,11 +236,23 @@ class Data:
                    if lab is not None and phrase_targets else None)
         heads = torch.tensor([min((t for t, what, _ in w if what == "shape"), default=-1) for w in said])
         sets = phrase_sets(phrases, colour, item_inst) if phrases is not None and item_inst is not None else None
+        # position qualifiers (--qual-attn): the qualifier's last word and its referent's patches (a grounding item's
+        # target; a colour question's named shapes in the answer's colour), for the items that have both
+        quals = None
+        if target_mask is not None:
+            q_at = [self.qual_at[j] for j in self.image_items(img_ids)]
+            sel = [m for m, t in enumerate(q_at) if t >= 0 and bool(target_mask[m].any())]
+            if sel:
+                r = torch.tensor(sel)
+                q_sets = (phrase_sets((r, None, target_mask[r], None), colour, item_inst)
+                          if colour is not None and item_inst is not None else None)
+                quals = (r, torch.tensor([q_at[m] for m in sel]), target_mask[r], q_sets)
         return (feats, torch.tensor(owner), ids, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels),
                 torch.tensor(lk, dtype=torch.bool), len(seqs)), (patch_labels, target_mask, torch.tensor(row_box),
                                                                  words, torch.tensor(early), phrases,
                                                                  heads if phrase_targets else None, heads,
-                                                                 torch.tensor(decides, dtype=torch.bool), sets)
+                                                                 torch.tensor(decides, dtype=torch.bool), sets,
+                                                                 quals)
 
 
 def word_patches(said, lab, shape, colour, phrases: bool, sink: bool = False, inst=None):
@@ -286,6 +304,8 @@ def phrase_sets(phrases, colour, inst) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 SIZE_WORDS = ("largest", "smallest")  # make_data's superlatives
+QUAL_WORDS = ("bottom", "top", "left", "right")  # the last words of make_data's position qualifiers
+QUAL_RE = re.compile(r"\b(at the (bottom|top)|on the (left|right))[.?]")  # not "left of" (a relation)
 
 
 def word_id(rule: dc.PromptRule, word: str) -> int:
@@ -634,6 +654,18 @@ def main(argv=None) -> None:
                         "first shape word), from which --phrase-attn makes the referent readable (0: off)")
     p.add_argument("--copy-layer", type=int, default=3)
     p.add_argument("--copy-head", type=int, default=0)
+    p.add_argument("--qual-attn", type=float, default=0.0,
+                   help="weight of position-qualifier supervision (grounding and colour questions whose expression "
+                        "ends in 'at the bottom / top', 'on the left / right'): at --phrase-layer, head --qual-head of "
+                        "the qualifier's last word should attend to the referent's patches, so that word holds which "
+                        "shape of the noun phrase is meant (the head noun before it cannot); at --copy-layer, the "
+                        "same head of the early answer positions should attend to that word; with --phrase-readout "
+                        "the word's state is also asked its referent's colour and count (1) (0: off)")
+    p.add_argument("--qual-head", type=int, default=1)
+    p.add_argument("--qual-copy", action="store_true",
+                   help="with --qual-attn and --copy-attn, the copy head of a qualified item's early answer positions "
+                        "reads the qualifier word instead of the head noun (whose state holds every shape of the kind "
+                        "and their colours, the other shape's included)")
     p.add_argument("--item-weight", nargs="+", default=[], metavar="QTYPE[:ANSWER]=W",
                    help="weight of these items' answer loss, e.g. superl=3 count:4=3 (rare or hard kinds of item)")
     p.add_argument("--kinds", nargs="+", choices=["grounding", "vqa"], default=["grounding", "vqa"],
@@ -687,7 +719,7 @@ def main(argv=None) -> None:
     bad = [l for l in args.word_attn_layer if not 0 <= l < cfg.text_config.num_hidden_layers]
     if bad:
         raise SystemExit(f"--word-attn-layer {bad}: the decoder has layers 0..{cfg.text_config.num_hidden_layers - 1}")
-    for name in ("word_attn_head", "phrase_head", "copy_head"):
+    for name in ("word_attn_head", "phrase_head", "copy_head", "qual_head"):
         if not 0 <= getattr(args, name) < cfg.text_config.num_attention_heads:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: the decoder has heads "
                              f"0..{cfg.text_config.num_attention_heads - 1}")
@@ -707,6 +739,13 @@ def main(argv=None) -> None:
         raise SystemExit("--phrase-sink needs the prompt to start with BOS (the sink key)")
     if args.phrase_size and not (args.phrase_attn > 0 or args.copy_attn > 0):
         raise SystemExit("--phrase-size narrows the noun phrases of --phrase-attn / --copy-attn: give one of them")
+    if args.qual_attn > 0 and (any(a is None for a in data.instances) or not args.attn_sup_vqa):
+        raise SystemExit("--qual-attn takes the referent from instances.u8.npy (prepare_train.py --relabel) and a "
+                         "colour question's from --attn-sup-vqa: some shard lacks the first, or the flag is missing")
+    if args.qual_copy and not (args.qual_attn > 0 and args.copy_attn > 0):
+        raise SystemExit("--qual-copy moves --copy-attn's target onto --qual-attn's qualifier word: give both")
+    if args.qual_attn > 0 and args.qual_head == args.copy_head and args.phrase_layer != args.copy_layer:
+        print(f"[train] note: --qual-head {args.qual_head} is also the copy head")
     if args.phrase_size and any(a is None for a in data.instances):
         raise SystemExit("--phrase-size finds the largest / smallest shape in instances.u8.npy: some shard lacks it "
                          "(prepare_train.py --relabel writes it)")
@@ -856,8 +895,8 @@ def main(argv=None) -> None:
     img_keys = torch.nonzero(image_mask).squeeze(1)  # the image tokens' positions in the prefix (attention keys)
     order = data.order(args.seed, st["epoch"])
     log = {"loss": 0.0, "g_loss": 0.0, "g_n": 0, "v_loss": 0.0, "v_n": 0, "g_acc": 0, "v_acc": 0, "items": 0,
-           "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "word": 0.0, "phrase": 0.0, "copy": 0.0, "box": 0.0, "ro": 0.0,
-           "ro_acc": 0.0, "ro_n": 0, "hr": 0.0, "hr_acc": 0, "hr_n": 0, "pr": 0.0, "pr_col": 0, "pr_cnt": 0,
+           "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "word": 0.0, "phrase": 0.0, "copy": 0.0, "qual": 0.0,
+           "qual_copy": 0.0, "box": 0.0, "ro": 0.0, "ro_acc": 0.0, "ro_n": 0, "hr": 0.0, "hr_acc": 0, "hr_n": 0, "pr": 0.0, "pr_col": 0, "pr_cnt": 0,
            "pr_n": 0,
            "t": time.perf_counter(), "steps": 0}
     calib_t = None
@@ -879,7 +918,8 @@ def main(argv=None) -> None:
             st["pos"] = 0
             order = data.order(args.seed, st["epoch"])
         ids = order[st["pos"]:st["pos"] + args.batch_images].tolist()
-        b, (patch_labels, target_mask, row_box, words, early, phrases, heads, head_at, head_decides, sets) = data.batch(
+        b, (patch_labels, target_mask, row_box, words, early, phrases, heads, head_at, head_decides, sets,
+            quals) = data.batch(
             ids, pad_id, vqa_targets=args.attn_sup_vqa, word_targets=args.word_attn > 0,
             phrase_targets=args.phrase_attn > 0 or args.copy_attn > 0, phrase_sink=args.phrase_sink,
             phrase_size=args.phrase_size)
@@ -895,9 +935,15 @@ def main(argv=None) -> None:
         if args.copy_attn > 0 and heads is not None:  # early answer positions of items with a head noun
             copy_sel = early & (heads[b[3]] >= 0)
             copy_sel = copy_sel if bool(copy_sel.any()) else None
+        use_quals = args.qual_attn > 0 and quals is not None
+        qual_copy = None
+        if use_quals:  # early answer positions of the items with a qualifier, and the qualifier's position
+            q_of = torch.full((len(head_at),), -1, dtype=torch.long)
+            q_of[quals[0]] = quals[1]
+            qual_copy = early & (q_of[b[3]] >= 0)
         grab = sorted(set(args.attn_layer if use_attn else []) | set(args.word_attn_layer if use_words else [])
-                      | ({args.phrase_layer} if use_phrases else set()) | ({args.copy_layer} if copy_sel is not None
-                                                                         else set()))
+                      | ({args.phrase_layer} if use_phrases or use_quals else set())
+                      | ({args.copy_layer} if copy_sel is not None or use_quals else set()))
         logits, labels, lk, n, img, probs, hs, *mid = forward(
             proj, lm, prefix_ids, image_mask, b, attn_layers=tuple(grab),
             vision_pos=vision_pos,
@@ -949,9 +995,22 @@ def main(argv=None) -> None:
             phrase_mass = mass.mean().item()
         if copy_sel is not None:
             r, c = b[3][copy_sel], b[4][copy_sel]
-            mass = probs[args.copy_layer][r, args.copy_head, c, prefix_ids.shape[0] + heads[r]]
+            read = heads[r] if not (args.qual_copy and use_quals) else torch.where(q_of[r] >= 0, q_of[r], heads[r])
+            mass = probs[args.copy_layer][r, args.copy_head, c, prefix_ids.shape[0] + read]
             total_loss = total_loss - args.copy_attn * (mass + 1e-6).log().mean()
             copy_mass = mass.mean().item()
+        qual_mass = qual_copy_mass = 0.0
+        if use_quals:
+            q_rows, q_cols, q_masks, _ = quals
+            pq = probs[args.phrase_layer][q_rows, args.qual_head, q_cols][:, img_keys]  # [quals, 576]
+            mass = (pq * q_masks).sum(1)
+            total_loss = total_loss - args.qual_attn * (mass + 1e-6).log().mean()
+            qual_mass = mass.mean().item()
+            if bool(qual_copy.any()):
+                r, c = b[3][qual_copy], b[4][qual_copy]
+                mass = probs[args.copy_layer][r, args.qual_head, c, prefix_ids.shape[0] + q_of[r]]
+                total_loss = total_loss - args.qual_attn * (mass + 1e-6).log().mean()
+                qual_copy_mass = mass.mean().item()
         box_loss = torch.zeros(())
         if box_head is not None and bool(lk.any()):
             box_loss = F.l1_loss(torch.sigmoid(box_head(hs[lk])), row_box[lk])
@@ -982,10 +1041,13 @@ def main(argv=None) -> None:
         pr_loss, pr_col, pr_cnt, pr_n = torch.zeros(()), 0, 0, 0
         if phrase_readout is not None and phrases is not None and sets is not None:
             p_rows, p_cols = phrases[0], phrases[1]
+            named_colours, count = sets
+            if use_quals and quals[3] is not None:  # the qualifier words too: their referent's colour, count 1
+                p_rows, p_cols = torch.cat([p_rows, quals[0]]), torch.cat([p_cols, quals[1]])
+                named_colours, count = torch.cat([named_colours, quals[3][0]]), torch.cat([count, quals[3][1]])
             h_word = mid[0][args.phrase_readout_layer][p_rows, p_cols]
             z = phrase_readout(h_word * torch.rsqrt(h_word.pow(2).mean(-1, keepdim=True) + 1e-6))
             nc = len(make_data.COLORS)
-            named_colours, count = sets
             pr_loss = (F.binary_cross_entropy_with_logits(z[:, :nc], named_colours.float())
                        + F.cross_entropy(z[:, nc:], count.clamp(max=z.shape[1] - nc - 1)))
             total_loss = total_loss + args.phrase_readout * pr_loss
@@ -1008,6 +1070,8 @@ def main(argv=None) -> None:
             log["word"] += word_mass
             log["phrase"] += phrase_mass
             log["copy"] += copy_mass
+            log["qual"] += qual_mass
+            log["qual_copy"] += qual_copy_mass
             log["box"] += box_loss.item()
             log["ro"] += ro_loss.item()
             log["ro_acc"] += ro_hit
@@ -1047,6 +1111,8 @@ def main(argv=None) -> None:
                   + (f", word attn {log['word'] / log['steps']:.3f}" if args.word_attn > 0 else "")
                   + (f", phrase attn {log['phrase'] / log['steps']:.3f}" if args.phrase_attn > 0 else "")
                   + (f", copy attn {log['copy'] / log['steps']:.3f}" if args.copy_attn > 0 else "")
+                  + (f", qual attn {log['qual'] / log['steps']:.3f} copy {log['qual_copy'] / log['steps']:.3f}"
+                     if args.qual_attn > 0 else "")
                   + (f", readout {log['ro'] / log['steps']:.3f} acc {log['ro_acc'] / max(1, log['ro_n']):.3f}"
                      if readout is not None else "")
                   + (f", head readout {log['hr'] / log['steps']:.3f} acc {log['hr_acc'] / max(1, log['hr_n']):.3f}"
