@@ -744,8 +744,10 @@ def main(argv=None) -> None:
                          "colour question's from --attn-sup-vqa: some shard lacks the first, or the flag is missing")
     if args.qual_copy and not (args.qual_attn > 0 and args.copy_attn > 0):
         raise SystemExit("--qual-copy moves --copy-attn's target onto --qual-attn's qualifier word: give both")
-    if args.qual_attn > 0 and args.qual_head == args.copy_head and args.phrase_layer != args.copy_layer:
-        print(f"[train] note: --qual-head {args.qual_head} is also the copy head")
+    if args.qual_attn > 0 and args.copy_attn > 0 and args.qual_head == args.copy_head:
+        raise SystemExit(f"--qual-head {args.qual_head} is --copy-head too: the same head of a qualified item's answer "
+                         f"would be asked to read both the head noun and the qualifier (--qual-copy does that on "
+                         f"purpose); pick another --qual-head")
     if args.phrase_size and any(a is None for a in data.instances):
         raise SystemExit("--phrase-size finds the largest / smallest shape in instances.u8.npy: some shard lacks it "
                          "(prepare_train.py --relabel writes it)")
@@ -896,8 +898,8 @@ def main(argv=None) -> None:
     order = data.order(args.seed, st["epoch"])
     log = {"loss": 0.0, "g_loss": 0.0, "g_n": 0, "v_loss": 0.0, "v_n": 0, "g_acc": 0, "v_acc": 0, "items": 0,
            "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "word": 0.0, "phrase": 0.0, "copy": 0.0, "qual": 0.0,
-           "qual_copy": 0.0, "box": 0.0, "ro": 0.0, "ro_acc": 0.0, "ro_n": 0, "hr": 0.0, "hr_acc": 0, "hr_n": 0, "pr": 0.0, "pr_col": 0, "pr_cnt": 0,
-           "pr_n": 0,
+           "qual_copy": 0.0, "box": 0.0, "ro": 0.0, "ro_acc": 0.0, "ro_n": 0, "hr": 0.0, "hr_acc": 0, "hr_n": 0,
+           "pr": 0.0, "pr_col": 0, "pr_cnt": 0, "pr_n": 0,
            "t": time.perf_counter(), "steps": 0}
     calib_t = None
     proj.train()
