@@ -428,7 +428,7 @@ def sincos_2d(grid: int, dim: int, scale: float) -> torch.Tensor:
 
 # checkpoint keys of the training-only heads (state dict or None each): the patch readout ("aux") and the heads of
 # main()'s heads_by_key; recover_checkpoint.py carries them between machines
-TRAINING_HEADS = ("aux", "box", "readout", "head_readout", "phrase_readout")
+TRAINING_HEADS = ("aux", "box", "readout", "head_readout", "phrase_readout", "attn_readout")
 
 
 def load_weights(s: dict, proj, lm, aux=None) -> None:
@@ -478,6 +478,20 @@ def attention_probs(lm, layers: tuple[int, ...]):
             hook.remove()
         if layers:
             lm.config._attn_implementation = "sdpa"
+
+
+@contextlib.contextmanager
+def attention_outputs(lm, layers: tuple[int, ...]):
+    """Inside the block the yielded dict collects {layer: self-attention output after o_proj [batch, queries,
+    hidden]} of every forward pass through `layers` (the last pass wins: forward()'s suffix pass)."""
+    grabbed = {}
+    hooks = [lm.model.layers[layer].self_attn.register_forward_hook(
+        lambda _m, _i, out, layer=layer: grabbed.__setitem__(layer, out[0])) for layer in layers]
+    try:
+        yield grabbed
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def forward(proj, lm, prefix_ids: torch.Tensor, image_mask: torch.Tensor, batch, attn_layers: tuple[int, ...] = (),
@@ -666,6 +680,12 @@ def main(argv=None) -> None:
                    help="with --qual-attn and --copy-attn, the copy head of a qualified item's early answer positions "
                         "reads the qualifier word instead of the head noun (whose state holds every shape of the kind "
                         "and their colours, the other shape's included)")
+    p.add_argument("--attn-readout", type=float, default=0.0,
+                   help="weight of a training-only readout of every VQA answer token from the self-attention output "
+                        "(after o_proj, before it joins the residual stream) of --attn-readout-layers at the answer "
+                        "position: what the answer's heads bring back through their values must carry the answer "
+                        "(a colour the shape's tokens hold at 0.87 was read at the answer at 0.55; session 20) (0: off)")
+    p.add_argument("--attn-readout-layers", type=int, nargs="+", default=[4, 5])
     p.add_argument("--item-weight", nargs="+", default=[], metavar="QTYPE[:ANSWER]=W",
                    help="weight of these items' answer loss, e.g. superl=3 count:4=3 (rare or hard kinds of item)")
     p.add_argument("--kinds", nargs="+", choices=["grounding", "vqa"], default=["grounding", "vqa"],
@@ -780,10 +800,11 @@ def main(argv=None) -> None:
     box_head = torch.nn.Linear(cfg.text_config.hidden_size, 4) if args.box_aux > 0 else None
     if box_head is not None:
         named += [("aux.box." + n, p) for n, p in box_head.named_parameters()]
-    readout, readout_class, head_readout = None, None, None
-    if args.vqa_readout > 0 or args.head_readout > 0:
+    readout, readout_class, head_readout, attn_readout = None, None, None, None
+    if args.vqa_readout > 0 or args.head_readout > 0 or args.attn_readout > 0:
         if "vqa" not in args.kinds:
-            raise SystemExit("--vqa-readout / --head-readout read VQA answers: they need --kinds to include vqa")
+            raise SystemExit("--vqa-readout / --head-readout / --attn-readout read VQA answers: they need --kinds to "
+                             "include vqa")
         vocab = sorted({t for _, ans, kind, *_ in data.items if kind != "grounding" for t in ans})
         readout_class = torch.full((cfg.text_config.vocab_size,), -100, dtype=torch.long)
         readout_class[torch.tensor(vocab)] = torch.arange(len(vocab))
@@ -807,6 +828,16 @@ def main(argv=None) -> None:
                 torch.nn.init.zeros_(head.bias)
         named += [("aux.readout." + n, p) for n, p in readout.named_parameters()]
         print(f"[readout] VQA answer tokens ({len(vocab)} classes) read from hidden_states {args.readout_layers}")
+    if args.attn_readout > 0:
+        bad = [l for l in args.attn_readout_layers if not 0 <= l < cfg.text_config.num_hidden_layers]
+        if bad:
+            raise SystemExit(f"--attn-readout-layers {bad}: the decoder has layers "
+                             f"0..{cfg.text_config.num_hidden_layers - 1}")
+        attn_readout = torch.nn.ModuleDict({str(l): torch.nn.Linear(cfg.text_config.hidden_size, len(vocab))
+                                            for l in args.attn_readout_layers})
+        named += [("aux.attn_readout." + n, p) for n, p in attn_readout.named_parameters()]
+        print(f"[attn-readout] VQA answer tokens ({len(vocab)} classes) read from the attention output of layers "
+              f"{args.attn_readout_layers}")
     phrase_readout = None
     if args.phrase_readout > 0:  # colours (multi-label) + count classes 0..max shapes per image
         n_count = max(make_data.SHAPES_PER_IMAGE) + 1
@@ -826,7 +857,8 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     st = {"step": 0, "epoch": 0, "pos": 0, "samples": 0, "elapsed": 0.0, "total_steps": None}
     # the training-only heads besides `aux`, by their checkpoint key
-    heads_by_key = {"box": box_head, "readout": readout, "head_readout": head_readout, "phrase_readout": phrase_readout}
+    heads_by_key = {"box": box_head, "readout": readout, "head_readout": head_readout, "phrase_readout": phrase_readout,
+                    "attn_readout": attn_readout}
     assert ("aux", *heads_by_key) == TRAINING_HEADS, "TRAINING_HEADS out of step with the heads saved here"
 
     def load_heads(s: dict) -> list[str]:
@@ -899,6 +931,7 @@ def main(argv=None) -> None:
     log = {"loss": 0.0, "g_loss": 0.0, "g_n": 0, "v_loss": 0.0, "v_n": 0, "g_acc": 0, "v_acc": 0, "items": 0,
            "aux": 0.0, "aux_acc": 0.0, "attn": 0.0, "word": 0.0, "phrase": 0.0, "copy": 0.0, "qual": 0.0,
            "qual_copy": 0.0, "box": 0.0, "ro": 0.0, "ro_acc": 0.0, "ro_n": 0, "hr": 0.0, "hr_acc": 0, "hr_n": 0,
+           "ar": 0.0, "ar_acc": 0, "ar_n": 0,
            "pr": 0.0, "pr_col": 0, "pr_cnt": 0, "pr_n": 0,
            "t": time.perf_counter(), "steps": 0}
     calib_t = None
@@ -946,12 +979,13 @@ def main(argv=None) -> None:
         grab = sorted(set(args.attn_layer if use_attn else []) | set(args.word_attn_layer if use_words else [])
                       | ({args.phrase_layer} if use_phrases or use_quals else set())
                       | ({args.copy_layer} if copy_sel is not None or use_quals else set()))
-        logits, labels, lk, n, img, probs, hs, *mid = forward(
-            proj, lm, prefix_ids, image_mask, b, attn_layers=tuple(grab),
-            vision_pos=vision_pos,
-            hidden_layers=tuple(sorted(set(args.readout_layers if readout is not None else [])
-                                       | ({args.head_readout_layer} if head_readout is not None else set())
-                                       | ({args.phrase_readout_layer} if phrase_readout is not None else set()))))
+        with attention_outputs(lm, tuple(args.attn_readout_layers) if attn_readout is not None else ()) as a_out:
+            logits, labels, lk, n, img, probs, hs, *mid = forward(
+                proj, lm, prefix_ids, image_mask, b, attn_layers=tuple(grab),
+                vision_pos=vision_pos,
+                hidden_layers=tuple(sorted(set(args.readout_layers if readout is not None else [])
+                                           | ({args.head_readout_layer} if head_readout is not None else set())
+                                           | ({args.phrase_readout_layer} if phrase_readout is not None else set()))))
         tok_loss = F.cross_entropy(logits.float(), labels, reduction="none")
         w_tok = torch.where(lk, 1.0, args.vqa_weight)
         if item_w is not None:
@@ -1027,6 +1061,16 @@ def main(argv=None) -> None:
                 ro_hit += int((z.argmax(-1) == cls).sum())
                 ro_n += len(cls)
             total_loss = total_loss + args.vqa_readout * ro_loss
+        ar_loss, ar_hit, ar_n = torch.zeros(()), 0, 0
+        if attn_readout is not None and bool((~lk).any()):
+            cls = readout_class[labels[~lk]]
+            for l, head in attn_readout.items():
+                a = a_out[int(l)][b[3], b[4]][~lk]  # what the layer's heads add at the answer positions
+                z = head(a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6))
+                ar_loss = ar_loss + F.cross_entropy(z, cls) / len(attn_readout)
+                ar_hit += int((z.argmax(-1) == cls).sum())
+                ar_n += len(cls)
+            total_loss = total_loss + args.attn_readout * ar_loss
         hr_loss, hr_hit, hr_n = torch.zeros(()), 0, 0
         if head_readout is not None:
             # the first answer token of every item whose head noun alone decides its VQA answer, read at the noun
@@ -1079,6 +1123,9 @@ def main(argv=None) -> None:
             log["ro_acc"] += ro_hit
             log["ro_n"] += ro_n
             log["hr"] += hr_loss.item()
+            log["ar"] += ar_loss.item()
+            log["ar_acc"] += ar_hit
+            log["ar_n"] += ar_n
             log["hr_acc"] += hr_hit
             log["hr_n"] += hr_n
             log["pr"] += pr_loss.item()
@@ -1117,6 +1164,8 @@ def main(argv=None) -> None:
                      if args.qual_attn > 0 else "")
                   + (f", readout {log['ro'] / log['steps']:.3f} acc {log['ro_acc'] / max(1, log['ro_n']):.3f}"
                      if readout is not None else "")
+                  + (f", attn readout {log['ar'] / log['steps']:.3f} acc {log['ar_acc'] / max(1, log['ar_n']):.3f}"
+                     if attn_readout is not None else "")
                   + (f", head readout {log['hr'] / log['steps']:.3f} acc {log['hr_acc'] / max(1, log['hr_n']):.3f}"
                      if head_readout is not None else "")
                   + (f", phrase readout {log['pr'] / log['steps']:.3f} colours {log['pr_col'] / max(1, log['pr_n']):.3f}"
