@@ -684,7 +684,8 @@ def main(argv=None) -> None:
                    help="weight of a training-only readout of every VQA answer token from the self-attention output "
                         "(after o_proj, before it joins the residual stream) of --attn-readout-layers at the answer "
                         "position: what the answer's heads bring back through their values must carry the answer "
-                        "(a colour the shape's tokens hold at 0.87 was read at the answer at 0.55; session 20) (0: off)")
+                        "(a colour the shape's tokens hold at 0.87 was read at the answer at 0.55; session 20) "
+                        "(0: off)")
     p.add_argument("--attn-readout-layers", type=int, nargs="+", default=[4, 5])
     p.add_argument("--item-weight", nargs="+", default=[], metavar="QTYPE[:ANSWER]=W",
                    help="weight of these items' answer loss, e.g. superl=3 count:4=3 (rare or hard kinds of item)")
