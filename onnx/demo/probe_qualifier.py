@@ -74,28 +74,22 @@ def main(argv=None) -> None:
         ids = list(range(start, min(start + 4, n)))
         b, extra = data.batch(ids, proc.tokenizer.pad_token_id, vqa_targets=True, phrase_targets=True)
         target_mask, quals = extra[1], extra[-1]
-        feats, owner, tok, rows, cols, *_ = b
+        owner, rows, cols = b[1], b[3], b[4]
         with torch.no_grad():
-            pre, _ = T.image_prefix(proj, lm, prefix_ids, image_mask, feats, vp)
-            out = lm.model(inputs_embeds=pre, position_ids=torch.arange(P).unsqueeze(0).expand(len(ids), -1),
-                           use_cache=True)
-            cache = out.past_key_values
-            cache.batch_select_indices(owner)
-            with T.attention_probs(lm, layers) as g:
-                suf = lm.model(inputs_embeds=lm.model.embed_tokens(tok), past_key_values=cache,
-                               output_hidden_states=True,
-                               position_ids=(P + torch.arange(tok.shape[1])).unsqueeze(0).expand(tok.shape[0], -1))
+            logits, *_, g, _, mid = T.forward(proj, lm, prefix_ids, image_mask, b, attn_layers=layers,
+                                              vision_pos=vp, hidden_layers=(3,))
         qual_at = {} if quals is None else {int(r): int(c) for r, c in zip(quals[0], quals[1])}
         for m, j in enumerate(data.image_items(ids)):
             qt = data.qtypes[j]
             if qt not in ("color", "position") or not bool(target_mask[m].any()):
                 continue
             key = qt + (" qualified" if m in qual_at else "")
-            c = int(cols[torch.nonzero(rows == m).squeeze(1)[0]])  # the first answer position
+            first = int(torch.nonzero(rows == m).squeeze(1)[0])
+            c = int(cols[first])  # the first answer position
             on = lambda layer, mask: float((g[layer][m, :, c, img_keys].mean(0) * mask).sum())  # noqa: E731
             verdict = ""
             if qt == "color":
-                said = rule.tk.decode([int(lm.lm_head(suf.last_hidden_state[m, c]).argmax())]).strip()
+                said = rule.tk.decode([int(logits[first].argmax())]).strip()
                 right = said == data.vqa_answers[j]
                 stats[f"{key}: answer right"].append(right)
                 verdict = " (right)" if right else " (wrong)"
@@ -114,7 +108,7 @@ def main(argv=None) -> None:
                 stats[f"{key}: answer, layer {args.copy_layer} head {args.qual_head}, on the qualifier"].append(
                     float(g[args.copy_layer][m, args.qual_head, c, P + q]))
                 if qt == "color" and readout is not None:
-                    h_q = suf.hidden_states[3][m, q]
+                    h_q = mid[3][m, q]
                     z = readout(h_q * torch.rsqrt(h_q.pow(2).mean(-1) + 1e-6))
                     stats[f"{key}: phrase readout at the qualifier names the colour"].append(
                         colours[int(z[:len(colours)].argmax())] == data.vqa_answers[j])

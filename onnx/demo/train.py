@@ -180,11 +180,12 @@ class Data:
         insts = [self.instances[self.images[i][0]] for i in img_ids]
         inst = (torch.from_numpy(np.stack([a[self.images[i][1]] for a, i in zip(insts, img_ids)]).astype(np.int64))
                 if all(a is not None for a in insts) else None)
-        owner, seqs, tgts, kinds, targets, boxes, vsels, said, decides = [], [], [], [], [], [], [], [], []
+        owner, seqs, tgts, kinds, targets, boxes, vsels, said, decides, q_at = [], [], [], [], [], [], [], [], [], []
         for b, i in enumerate(img_ids):
             for j in self.images[i][2]:  # the order of image_items()
                 suf, ans, kind, target, box, vsel, spoken = self.items[j]
                 decides.append(self.head_decides[j])
+                q_at.append(self.qual_at[j])
                 vsels.append(vsel)
                 said.append(spoken)
                 boxes.append(box if box is not None else [0.0] * 4)
@@ -240,7 +241,6 @@ class Data:
         # target; a colour question's named shapes in the answer's colour), for the items that have both
         quals = None
         if target_mask is not None:
-            q_at = [self.qual_at[j] for j in self.image_items(img_ids)]
             sel = [m for m, t in enumerate(q_at) if t >= 0 and bool(target_mask[m].any())]
             if sel:
                 r = torch.tensor(sel)
@@ -535,6 +535,18 @@ def full_forward(proj, lm, prefix_ids, image_mask, batch, vision_pos=None):
 
 
 # ------------------------------------------------------------------------------------------------------- schedule
+def answer_readout(heads, states: dict, batch, lk: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(mean cross-entropy, hits, count) of the per-layer readout `heads` ({str(layer): Linear}) of the VQA answer
+    classes `cls` from `states` ({layer: [M, S, H]}, un-normed: RMS-normalised here) at the VQA answer positions."""
+    loss, hit = torch.zeros(()), 0
+    for l, head in heads.items():
+        h = states[int(l)][batch[3], batch[4]][~lk]
+        z = head(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+        loss = loss + F.cross_entropy(z, cls) / len(heads)
+        hit += int((z.argmax(-1) == cls).sum())
+    return loss, hit, len(cls) * len(heads)
+
+
 def lr_at(step: int, total: int, args) -> float:
     warm = max(1, min(args.warmup, total // 10))
     if step < warm:
@@ -1053,24 +1065,12 @@ def main(argv=None) -> None:
             box_loss = F.l1_loss(torch.sigmoid(box_head(hs[lk])), row_box[lk])
             total_loss = total_loss + args.box_aux * box_loss
         ro_loss, ro_hit, ro_n = torch.zeros(()), 0, 0
-        if readout is not None and bool((~lk).any()):
-            cls = readout_class[labels[~lk]]
-            for l, head in readout.items():
-                h_mid = mid[0][int(l)][b[3], b[4]][~lk]  # the residual stream, un-normed: RMS-normalise it
-                z = head(h_mid * torch.rsqrt(h_mid.pow(2).mean(-1, keepdim=True) + 1e-6))
-                ro_loss = ro_loss + F.cross_entropy(z, cls) / len(readout)
-                ro_hit += int((z.argmax(-1) == cls).sum())
-                ro_n += len(cls)
+        if readout is not None and bool((~lk).any()):  # the residual stream after the layers
+            ro_loss, ro_hit, ro_n = answer_readout(readout, mid[0], b, lk, readout_class[labels[~lk]])
             total_loss = total_loss + args.vqa_readout * ro_loss
         ar_loss, ar_hit, ar_n = torch.zeros(()), 0, 0
-        if attn_readout is not None and bool((~lk).any()):
-            cls = readout_class[labels[~lk]]
-            for l, head in attn_readout.items():
-                a = a_out[int(l)][b[3], b[4]][~lk]  # what the layer's heads add at the answer positions
-                z = head(a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6))
-                ar_loss = ar_loss + F.cross_entropy(z, cls) / len(attn_readout)
-                ar_hit += int((z.argmax(-1) == cls).sum())
-                ar_n += len(cls)
+        if attn_readout is not None and bool((~lk).any()):  # what the layers' heads add at the answer positions
+            ar_loss, ar_hit, ar_n = answer_readout(attn_readout, a_out, b, lk, readout_class[labels[~lk]])
             total_loss = total_loss + args.attn_readout * ar_loss
         hr_loss, hr_hit, hr_n = torch.zeros(()), 0, 0
         if head_readout is not None:
