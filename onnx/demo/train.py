@@ -355,11 +355,11 @@ def vqa_selector(it: dict) -> tuple[int, int] | None:
 
 
 # ----------------------------------------------------------------------------------------------------------- model
-def build(processor, kv_heads: int | None = None):
+def build(processor, **text):
     from transformers import LlamaForCausalLM
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    cfg = dc.llava_config(processor, kv_heads)
+    cfg = dc.llava_config(processor, **text)
     proj = LlavaMultiModalProjector(cfg)
     lm = LlamaForCausalLM(cfg.text_config)
     lm.tie_weights()
@@ -431,9 +431,14 @@ def sincos_2d(grid: int, dim: int, scale: float) -> torch.Tensor:
 TRAINING_HEADS = ("aux", "box", "readout", "head_readout", "phrase_readout", "attn_readout")
 
 
-def kv_heads_of(s: dict) -> int:
-    """The number of key-value heads of checkpoint `s`'s decoder (from its saved config)."""
-    return s.get("config", {}).get("text_config", {}).get("num_key_value_heads", dc.TEXT_CONFIG["num_key_value_heads"])
+RESHAPABLE = ("num_key_value_heads", "num_hidden_layers")  # what --kv-heads / --layers change, function-preserving
+
+
+def shape_of(s: dict) -> dict:
+    """{num_key_value_heads, num_hidden_layers} of checkpoint `s`'s decoder (from its saved config; checkpoints from
+    before session 21 saved none and have TEXT_CONFIG's)."""
+    saved = s.get("config", {}).get("text_config", {})
+    return {k: saved.get(k, dc.TEXT_CONFIG[k]) for k in RESHAPABLE}
 
 
 def widen_kv(sd: dict, kv_from: int, kv_to: int, head_dim: int) -> dict:
@@ -450,13 +455,36 @@ def widen_kv(sd: dict, kv_from: int, kv_to: int, head_dim: int) -> dict:
     return out
 
 
+def deepen(sd: dict, fresh: dict, n_from: int, n_to: int) -> dict:
+    """Decoder state dict `sd` with `n_from` layers -> `n_to` layers computing the same function: the new layers
+    n_from.. are copies of the last one with o_proj and down_proj zeroed (LLaMA Pro's block expansion), so each adds
+    nothing to the residual stream until training moves those two projections; `fresh` supplies the key set (a
+    state dict of the deeper model)."""
+    if n_to < n_from:
+        raise SystemExit(f"decoder layers {n_from} -> {n_to}: a checkpoint cannot be made shallower")
+    out = dict(sd)
+    last = f"model.layers.{n_from - 1}."
+    for k in fresh:
+        if not k.startswith("model.layers.") or k in sd:
+            continue
+        rest = k.split(".", 3)[3]
+        w = sd[last + rest].clone()
+        if rest in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            w.zero_()
+        out[k] = w
+    return out
+
+
 def load_weights(s: dict, proj, lm, aux=None) -> None:
     """Projector, decoder (lm_head re-tied) and, when given and saved, the aux head of checkpoint `s`; a decoder
-    with more key-value heads than `s` starts as `s`'s function (widen_kv)."""
+    with more key-value heads (widen_kv) or more layers (deepen) than `s` starts as `s`'s function."""
     proj.load_state_dict(s["projector"])
-    sd, have, want = s["language_model"], kv_heads_of(s), lm.config.num_key_value_heads
-    if want != have:
-        sd = widen_kv(sd, have, want, lm.config.hidden_size // lm.config.num_attention_heads)
+    sd, have = s["language_model"], shape_of(s)
+    if lm.config.num_key_value_heads != have["num_key_value_heads"]:
+        sd = widen_kv(sd, have["num_key_value_heads"], lm.config.num_key_value_heads,
+                      lm.config.hidden_size // lm.config.num_attention_heads)
+    if lm.config.num_hidden_layers != have["num_hidden_layers"]:
+        sd = deepen(sd, lm.state_dict(), have["num_hidden_layers"], lm.config.num_hidden_layers)
     lm.load_state_dict(sd)
     lm.tie_weights()
     if aux is not None and s.get("aux") is not None:
@@ -467,7 +495,7 @@ def load_for_eval(ckpt: Path, processor):
     """(config, projector, decoder, vision position table or None) of checkpoint `ckpt`, in eval mode: what the
     probes run."""
     s = torch.load(ckpt, weights_only=False)
-    cfg, proj, lm = build(processor, kv_heads_of(s))
+    cfg, proj, lm = build(processor, **shape_of(s))
     load_weights(s, proj, lm)
     proj.eval()
     lm.eval()
@@ -620,6 +648,9 @@ def main(argv=None) -> None:
                    help="key-value heads of the decoder (default: the --init / --resume checkpoint's, else "
                         "demo_common.TEXT_CONFIG's); more than --init's widens it without changing its function "
                         "(widen_kv)")
+    p.add_argument("--layers", type=int,
+                   help="decoder layers (default: the --init / --resume checkpoint's, else demo_common.TEXT_CONFIG's); "
+                        "more than --init's appends layers that start as identities (deepen)")
     p.add_argument("--init-aux", action="store_true",
                    help="with --init, also take the training-only heads (patch, box, VQA, head-noun and phrase "
                         "readouts) from the checkpoint where it has them, instead of starting them afresh (a checkpoint "
@@ -756,13 +787,17 @@ def main(argv=None) -> None:
         src = torch.load(ckpt, weights_only=False)
     elif args.init and not args.resume:
         src = torch.load(args.init, weights_only=False)
-    kv_heads = args.kv_heads
-    if args.resume and src is not None and kv_heads and kv_heads != kv_heads_of(src):
-        raise SystemExit(f"--kv-heads {kv_heads}: {ckpt} has {kv_heads_of(src)} (a resumed run keeps its width)")
-    if src is not None and (args.resume or not kv_heads):
-        kv_heads = kv_heads_of(src)  # a resumed run keeps its own width; an --init run its source's unless told
+    asked = {"num_key_value_heads": ("--kv-heads", args.kv_heads), "num_hidden_layers": ("--layers", args.layers)}
+    shape = {k: want for k, (_, want) in asked.items()}
+    if src is not None:  # a resumed run keeps its own shape; an --init run its source's unless told
+        have = shape_of(src)
+        for k, (flag, want) in asked.items():
+            if args.resume and want and want != have[k]:
+                raise SystemExit(f"{flag} {want}: {ckpt} has {have[k]} (a resumed run keeps its shape)")
+            if args.resume or not want:
+                shape[k] = have[k]
     torch.manual_seed(args.seed)
-    cfg, proj, lm = build(processor, kv_heads)
+    cfg, proj, lm = build(processor, **shape)
     prefix_ids = torch.tensor(data.prefix)
     image_mask = prefix_ids == rule.image_token_id
     pad_id = processor.tokenizer.pad_token_id
