@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -130,3 +131,43 @@ def ort_session(path: Path, threads: int):
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Objects of a JSON-lines file; a missing file, non-UTF-8 bytes or a line that is not a JSON object stops with
+    the file (and line number)."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    v = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{n}: not JSON ({e.msg})")
+                if not isinstance(v, dict):
+                    raise SystemExit(f"{path}:{n}: expected a JSON object")
+                out.append(v)
+    except OSError as e:
+        raise SystemExit(f"{path}: {e.strerror}")
+    except UnicodeDecodeError:
+        raise SystemExit(f"{path}: not UTF-8")
+    return out
+
+
+def predictions_of(pred_path: Path, items: list[dict], data_path: Path, run: str | None = None):
+    """(item, prediction) pairs of a `nuwa eval --predictions` file made on `items` (read from `data_path`), joined
+    by the prediction's 1-based `line`. `run` picks one setting of a sweep; without it the file must hold one run."""
+    pairs, runs = [], set()
+    for n, p in enumerate(read_jsonl(pred_path), 1):
+        if run is not None and p.get("run", "none") != run:
+            continue
+        line = p.get("line")
+        if not isinstance(line, int) or not 1 <= line <= len(items):
+            raise SystemExit(f"{pred_path}:{n}: line {line!r} is not an item of {data_path} ({len(items)} items)")
+        runs.add(p.get("run"))
+        pairs.append((items[line - 1], p))
+    if len(runs) > 1:
+        raise SystemExit(f"{pred_path}: holds {len(runs)} runs of a sweep; pick one with --run ({', '.join(sorted(map(str, runs)))})")
+    return pairs

@@ -26,30 +26,11 @@ import random
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_common import predictions_of, read_jsonl  # noqa: E402
+
 RELATIONS = (" left of ", " right of ", " above ", " below ")
 POSITIONS = (" at the ", " on the ")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Objects of a JSON-lines file; a line that is not a JSON object stops with its file and line number."""
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    v = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{n}: not JSON ({e.msg})")
-                if not isinstance(v, dict):
-                    raise SystemExit(f"{path}:{n}: expected a JSON object")
-                out.append(v)
-    except OSError as e:
-        raise SystemExit(f"{path}: {e.strerror}")
-    except UnicodeDecodeError:
-        raise SystemExit(f"{path}: not UTF-8")
-    return out
 
 
 def qtype_of(item: dict) -> str:
@@ -94,21 +75,13 @@ def sample(args) -> None:
 
 def breakdown(args) -> None:
     items = read_jsonl(args.data)
-    types = [qtype_of(it) for it in items]
     table = {}
     for pred_path in args.predictions:
         hits, total = collections.Counter(), collections.Counter()
-        runs = set()
-        for n, p in enumerate(read_jsonl(pred_path), 1):
-            line = p.get("line")
-            if not isinstance(line, int) or not 1 <= line <= len(items):
-                raise SystemExit(f"{pred_path}:{n}: line {line!r} is not an item of {args.data} ({len(items)} items)")
-            runs.add(p.get("run"))
-            q = types[line - 1]
+        for item, p in predictions_of(pred_path, items, args.data, run=args.run):
+            q = qtype_of(item)
             total[q] += 1
             hits[q] += bool(p.get("correct"))
-        if len(runs) > 1:
-            raise SystemExit(f"{pred_path}: holds {len(runs)} runs of a sweep; pass a single-setting predictions file")
         table[pred_path] = (hits, total)
     names = sorted({q for _, t in table.values() for q in t})
     print("| type | " + " | ".join(str(p) for p in args.predictions) + " |")
@@ -133,6 +106,8 @@ def main(argv=None) -> None:
     b = sub.add_parser("breakdown", help="hits per question type of nuwa eval --predictions files")
     b.add_argument("--data", type=Path, required=True, help="the data file the predictions were made on")
     b.add_argument("--predictions", type=Path, nargs="+", required=True)
+    b.add_argument("--run", help="one setting of a sweep's predictions (its `run` label, e.g. none or nuwa:64);\n"
+                   "without it each file must hold a single run")
     args = p.parse_args(argv)
     if args.cmd == "sample" and (args.images < 1 or args.per_kind < 1):
         p.error("--images and --per-kind must be at least 1")

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_common import predictions_of, read_jsonl  # noqa: E402
 
 
 def iou(a: list[float], b: list[float]) -> float:
@@ -25,13 +27,6 @@ def iou(a: list[float], b: list[float]) -> float:
     inter = max(0.0, w) * max(0.0, h)
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{path}: {e}")
 
 
 def main(argv=None) -> None:
@@ -48,13 +43,7 @@ def main(argv=None) -> None:
     counts: collections.Counter = collections.Counter()
     by_word: collections.Counter = collections.Counter()
     chance, n = 0.0, 0
-    for pred in read_jsonl(args.predictions):
-        if pred.get("run", "none") != args.run:
-            continue
-        line = pred.get("line")
-        if not isinstance(line, int) or not 1 <= line <= len(items):
-            raise SystemExit(f"{args.predictions}: prediction line {line!r} is not a line of {args.data}")
-        item = items[line - 1]
+    for item, pred in predictions_of(args.predictions, items, args.data, run=args.run):
         if item.get("qtype") != "superl":
             continue
         scene = scenes.get(item["image"])
