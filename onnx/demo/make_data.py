@@ -4,7 +4,7 @@
   .venv/bin/python onnx/demo/make_data.py --split heldout --n 300   --seed 7 --out data/heldout
 
 Backgrounds: COCO train2017 photos for --split train, val2017 photos ONLY for --split heldout (every
-coco_*/<split>/ folder under /work/shared/data/coco, deduplicated by file name, sorted), visited in a seeded
+coco_*/<split>/ folder under /work/shared/data/coco or $NUWA_COCO, deduplicated by file name, sorted), visited in a seeded
 permutation (image i uses perm[i % count], so every photo is used before any repeats). A background keeps its own
 size and aspect ratio (train may mirror it horizontally). On each background 2-4 shapes (circle, square, triangle,
 star) in 8 colours, circumscribed diameter 18-40 % of the shorter side, are drawn with PIL; overlaps are allowed but
@@ -40,13 +40,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-COCO = Path("/work/shared/data/coco")
+# the shared COCO photos; NUWA_COCO points elsewhere on a machine without ../shared (gpu_train.sh carries a copy)
+COCO = Path(os.environ.get("NUWA_COCO", "/work/shared/data/coco"))
 SHAPES = ["circle", "square", "triangle", "star"]
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
 COLORS = {  # name -> RGB (jittered per shape)

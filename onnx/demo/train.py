@@ -111,7 +111,7 @@ class Data:
                 it = json.loads(line)
                 if it["kind"] not in self.kinds:
                     continue
-                ids = rule.ids(it["prompt"])
+                ids = self._ids(rule, it["prompt"])
                 if prefix is None:
                     last = max(i for i, t in enumerate(ids) if t == rule.image_token_id)
                     prefix = ids[:last + 1]
@@ -127,7 +127,7 @@ class Data:
                 suffix = ids[len(prefix):]
                 self.qual_at.append(max((t for t, x in enumerate(suffix) if x in self.qual_ids), default=-1)
                                     if QUAL_RE.search(it["prompt"]) else -1)
-                self.items.append((suffix, rule.answer_ids(it["answer"]), it["kind"],
+                self.items.append((suffix, self._answer_ids(rule, it["answer"]), it["kind"],
                                    it.get("target", -1) if g else -1, json.loads(it["answer"]) if g else None,
                                    None if g else vqa_selector(it),
                                    [(t, *self.words[x]) for t, x in enumerate(suffix) if x in self.words]))
@@ -139,6 +139,20 @@ class Data:
             if len(self.feats[-1]) != S and (root / f"shard-{k + 1:04d}" / "DONE").exists():
                 raise SystemExit(f"{d}: partial shard followed by more shards")
         self.prefix = prefix
+
+    def _ids(self, rule: dc.PromptRule, prompt: str) -> list[int]:
+        """rule.ids(prompt), remembered: the generator repeats its phrasings, and tokenising ~100k prompts one by
+        one is most of the loading time."""
+        memo = self.__dict__.setdefault("_prompt_ids", {})
+        if prompt not in memo:
+            memo[prompt] = rule.ids(prompt)
+        return memo[prompt]
+
+    def _answer_ids(self, rule: dc.PromptRule, answer: str) -> list[int]:
+        memo = self.__dict__.setdefault("_answer_memo", {})
+        if answer not in memo:
+            memo[answer] = rule.answer_ids(answer)
+        return memo[answer]
 
     def item_weights(self, spec: list[str]) -> np.ndarray:
         """Per-item weights of the answer loss from `QTYPE=W` / `QTYPE:ANSWER=W` entries (the more specific wins;
@@ -172,6 +186,10 @@ class Data:
 
     def batch(self, img_ids, pad_id: int, vqa_targets: bool = False, word_targets: bool = False,
               phrase_targets: bool = False, phrase_sink: bool = False, phrase_size: bool = False):
+        with torch.device("cpu"):  # many small per-item tensors: made on the host, moved in one go (to_device)
+            return self._batch(img_ids, pad_id, vqa_targets, word_targets, phrase_targets, phrase_sink, phrase_size)
+
+    def _batch(self, img_ids, pad_id, vqa_targets, word_targets, phrase_targets, phrase_sink, phrase_size):
         feats = torch.from_numpy(np.stack([self.feats[self.images[i][0]][self.images[i][1]] for i in img_ids])
                                  .astype(np.float32))
         labs = [self.labels[self.images[i][0]] for i in img_ids]
@@ -253,6 +271,20 @@ class Data:
                                                                  heads if phrase_targets else None, heads,
                                                                  torch.tensor(decides, dtype=torch.bool), sets,
                                                                  quals)
+
+
+def on_device(a: np.ndarray) -> torch.Tensor:
+    """`a` as a tensor on torch's default device (main() sets it to --device; numpy arrays always start on the CPU)."""
+    return torch.from_numpy(a).to(torch.get_default_device())
+
+
+def to_device(x):
+    """Data.batch()'s nested tuples with every tensor moved to torch's default device."""
+    if isinstance(x, torch.Tensor):
+        return x.to(torch.get_default_device(), non_blocking=True)
+    if isinstance(x, tuple):
+        return tuple(to_device(v) for v in x)
+    return x
 
 
 def word_patches(said, lab, shape, colour, phrases: bool, sink: bool = False, inst=None):
@@ -432,13 +464,15 @@ TRAINING_HEADS = ("aux", "box", "readout", "head_readout", "phrase_readout", "at
 
 
 RESHAPABLE = ("num_key_value_heads", "num_hidden_layers")  # what --kv-heads / --layers change, function-preserving
+# the decoder's size: RESHAPABLE + what only a run from scratch picks (--hidden, --heads, --intermediate)
+SHAPE = RESHAPABLE + ("hidden_size", "num_attention_heads", "intermediate_size")
 
 
 def shape_of(s: dict) -> dict:
-    """{num_key_value_heads, num_hidden_layers} of checkpoint `s`'s decoder (from its saved config; checkpoints from
-    before session 21 saved none and have TEXT_CONFIG's)."""
+    """SHAPE of checkpoint `s`'s decoder (from its saved config; checkpoints from before session 21 saved none and
+    have TEXT_CONFIG's)."""
     saved = s.get("config", {}).get("text_config", {})
-    return {k: saved.get(k, dc.TEXT_CONFIG[k]) for k in RESHAPABLE}
+    return {k: saved.get(k, dc.TEXT_CONFIG[k]) for k in SHAPE}
 
 
 def widen_kv(sd: dict, kv_from: int, kv_to: int, head_dim: int) -> dict:
@@ -651,6 +685,11 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int,
                    help="decoder layers (default: the --init / --resume checkpoint's, else demo_common.TEXT_CONFIG's); "
                         "more than --init's appends layers that start as identities (deepen)")
+    p.add_argument("--hidden", type=int, help="decoder width of a run from scratch (default TEXT_CONFIG's)")
+    p.add_argument("--heads", type=int, help="attention heads of a run from scratch (default TEXT_CONFIG's)")
+    p.add_argument("--intermediate", type=int, help="MLP width of a run from scratch (default TEXT_CONFIG's)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device to train on (cuda: one GPU, TF32 matmuls; the data stays in host memory)")
     p.add_argument("--init-aux", action="store_true",
                    help="with --init, also take the training-only heads (patch, box, VQA, head-noun and phrase "
                         "readouts) from the checkpoint where it has them, instead of starting them afresh (a checkpoint "
@@ -787,15 +826,35 @@ def main(argv=None) -> None:
         src = torch.load(ckpt, weights_only=False)
     elif args.init and not args.resume:
         src = torch.load(args.init, weights_only=False)
-    asked = {"num_key_value_heads": ("--kv-heads", args.kv_heads), "num_hidden_layers": ("--layers", args.layers)}
+    asked = {"num_key_value_heads": ("--kv-heads", args.kv_heads), "num_hidden_layers": ("--layers", args.layers),
+             "hidden_size": ("--hidden", args.hidden), "num_attention_heads": ("--heads", args.heads),
+             "intermediate_size": ("--intermediate", args.intermediate)}
     shape = {k: want for k, (_, want) in asked.items()}
     if src is not None:  # a resumed run keeps its own shape; an --init run its source's unless told
         have = shape_of(src)
         for k, (flag, want) in asked.items():
             if args.resume and want and want != have[k]:
                 raise SystemExit(f"{flag} {want}: {ckpt} has {have[k]} (a resumed run keeps its shape)")
+            if not args.resume and want and want != have[k] and k not in RESHAPABLE:
+                raise SystemExit(f"{flag} {want}: --init {args.init} has {have[k]}, and only --kv-heads / --layers "
+                                 f"can grow a trained decoder without changing its function")
             if args.resume or not want:
                 shape[k] = have[k]
+    hidden, heads = shape["hidden_size"] or dc.TEXT_CONFIG["hidden_size"], shape["num_attention_heads"] or \
+        dc.TEXT_CONFIG["num_attention_heads"]
+    kv = shape["num_key_value_heads"] or dc.TEXT_CONFIG["num_key_value_heads"]
+    if hidden % heads or heads % kv:
+        raise SystemExit(f"decoder width {hidden}, {heads} heads, {kv} key-value heads: the width must be a multiple "
+                         f"of the heads, and the heads of the key-value heads")
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise SystemExit(f"--device {args.device}: {e}") from None
+    torch.set_default_device(device)  # the model, the batches and every tensor made below live there
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     cfg, proj, lm = build(processor, **shape)
     prefix_ids = torch.tensor(data.prefix)
@@ -807,7 +866,7 @@ def main(argv=None) -> None:
           f"vocab {cfg.text_config.vocab_size}, tied): {n_params / 1e6:.2f} M trainable parameters")
 
     if args.check:
-        b, _ = data.batch(list(range(min(2, len(data.images)))), pad_id)
+        b, _ = to_device(data.batch(list(range(min(2, len(data.images)))), pad_id))
         with torch.no_grad():
             a, *_ = forward(proj, lm, prefix_ids, image_mask, b, attn_layers=(lm.config.num_hidden_layers - 1,))
             r, *_ = full_forward(proj, lm, prefix_ids, image_mask, b)
@@ -1035,10 +1094,10 @@ def main(argv=None) -> None:
             order = data.order(args.seed, st["epoch"])
         ids = order[st["pos"]:st["pos"] + args.batch_images].tolist()
         b, (patch_labels, target_mask, row_box, words, early, phrases, heads, head_at, head_decides, sets,
-            quals) = data.batch(
-            ids, pad_id, vqa_targets=args.attn_sup_vqa, word_targets=args.word_attn > 0,
-            phrase_targets=args.phrase_attn > 0 or args.copy_attn > 0, phrase_sink=args.phrase_sink,
-            phrase_size=args.phrase_size)
+            quals) = to_device(data.batch(
+                ids, pad_id, vqa_targets=args.attn_sup_vqa, word_targets=args.word_attn > 0,
+                phrase_targets=args.phrase_attn > 0 or args.copy_attn > 0, phrase_sink=args.phrase_sink,
+                phrase_size=args.phrase_size))
         total_for_lr = st["total_steps"] or 10 ** 9
         lr = lr_at(st["step"], total_for_lr, args)
         for g in opt.param_groups:
@@ -1070,7 +1129,7 @@ def main(argv=None) -> None:
         tok_loss = F.cross_entropy(logits.float(), labels, reduction="none")
         w_tok = torch.where(lk, 1.0, args.vqa_weight)
         if item_w is not None:
-            w_tok = w_tok * torch.from_numpy(item_w[data.image_items(ids)])[b[3]]
+            w_tok = w_tok * on_device(item_w[data.image_items(ids)])[b[3]]
         loss = (tok_loss * w_tok).sum() / w_tok.sum()
         aux_loss, aux_acc = (aux.loss(img, patch_labels, lm) if aux is not None else (torch.zeros(()), 0.0))
         total_loss = loss + args.aux * aux_loss
