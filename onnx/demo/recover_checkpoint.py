@@ -231,8 +231,10 @@ def main(argv=None) -> None:
         args.processor = args.out / "processor"
         processor.save_pretrained(str(args.processor))
     p_sd, lm_sd, vpos, man = recover(args.model)
-    cfg, proj, lm = build(processor, num_key_value_heads=man["decoder"]["num_key_value_heads"],
-                          num_hidden_layers=man["decoder"]["num_layers"])
+    dec = man["decoder"]
+    cfg, proj, lm = build(processor, num_key_value_heads=dec["num_key_value_heads"], num_hidden_layers=dec["num_layers"],
+                          hidden_size=dec["hidden_size"], num_attention_heads=dec["num_attention_heads"],
+                          intermediate_size=lm_sd["model.layers.0.mlp.gate_proj.weight"].shape[0])
     heads = load_heads(args.heads, man["id"]) if args.heads else {}
     if man["decoder"]["vocab_size"] != cfg.text_config.vocab_size:
         raise SystemExit(f"{args.model}: vocab {man['decoder']['vocab_size']}, the processor's "
