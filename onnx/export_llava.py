@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--metric-layer", type=int, default=-2, help="HF attentions index of the CLS metric (-2)")
     p.add_argument("--quantize-vision", choices=["int8"], help="also write vision.int8.onnx and load it")
     p.add_argument("--quantize-decoder", choices=["int8", "int4"], help="MatMulNBits weight-only decoder")
+    p.add_argument("--lm-head", choices=["graph", "table"], default="graph",
+                   help="table: a tied lm_head is not exported; the tail outputs its final hidden state and the runtime "
+                        "multiplies by the embedding table (stored once, not twice). Needs --quantize-decoder")
     p.add_argument("--embeddings", choices=["f16", "q8"], default="f16",
                    help="dtype of a separately written embedding table: f16, or q8 (int8, one f32 scale per row)")
     p.add_argument("--ship-quantized-only", action="store_true",
@@ -118,6 +121,8 @@ def export_model(args) -> dict:
     if not 1 <= split < n_layers:
         raise SystemExit(f"--split-layer must be in 1..{n_layers - 1}")
     fastv = args.fastv_layer
+    if args.lm_head == "table" and not args.quantize_decoder:
+        raise SystemExit("--lm-head table needs --quantize-decoder (an fp32 tied tail already shares its table)")
     if fastv is not None and not 1 <= fastv < split:
         raise SystemExit(f"--fastv-layer must be in 1..{split - 1} (below --split-layer {split})")
 
@@ -169,7 +174,14 @@ def export_model(args) -> dict:
         quant["decoder"] = {"method": f"MatMulNBits {bits}-bit weight-only, block 128, symmetric, "
                                       f"accuracy_level {ex.NBITS_ACCURACY_LEVEL}",
                             "lm_head_fp32": bits == 4}
-    embeddings = ex.find_shared_embedding(out / tail_file, table) if tied else None
+    table_head = args.lm_head == "table"
+    if table_head and not tied:
+        raise SystemExit("--lm-head table needs lm_head tied to the token embedding (tie_word_embeddings)")
+    if table_head:
+        dropped = ex.tail_to_final_hidden(out / tail_file, out / tail_file, tcfg.hidden_size)
+        print(f"[export] lm_head cut from {tail_file} (dropped {', '.join(dropped)}): the runtime applies the table")
+        quant["decoder"]["lm_head"] = f"the {args.embeddings} embedding table, applied by the runtime"
+    embeddings = ex.find_shared_embedding(out / tail_file, table) if tied and not table_head else None
     if embeddings is None and args.embeddings == "q8":
         embeddings = ex.write_q8_table(table, out / "embed_tokens.q8.bin")
     elif embeddings is None:
@@ -228,7 +240,8 @@ def export_model(args) -> dict:
                         "output": "hidden_states_out", "new_key": "new_key.%d", "new_value": "new_value.%d",
                         "attention_row": "attention_row"}] if fastv else [],
             "tail": {"file": tail_file, "hidden_states": "hidden_states", "position_ids": "position_ids",
-                     "past_key": "past_key.%d", "past_value": "past_value.%d", "logits": "logits",
+                     "past_key": "past_key.%d", "past_value": "past_value.%d",
+                     **({"final_hidden": "final_hidden"} if table_head else {"logits": "logits"}),
                      "new_key": "new_key.%d", "new_value": "new_value.%d"},
         },
         "tokenizer": tok_section,

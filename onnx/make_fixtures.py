@@ -21,6 +21,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "onnx"))
 import export_llava  # noqa: E402
+from nuwa_export import export as ex  # noqa: E402
 from nuwa_export import manifest as mf  # noqa: E402
 from nuwa_export import verify as vf  # noqa: E402
 
@@ -230,6 +231,12 @@ def build_fixture(fx: dict, tokenizer, square, example) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     # Reload from disk so goldens come from exactly the checkpoint that was exported.
     processor, model = export_llava.load_checkpoint(ckpt)
+    if fx["tied"]:
+        # The same tail without its lm_head (decoder.tail.final_hidden): tests/parity.rs swaps it in and checks that
+        # the runtime applying the shared table itself reproduces the same goldens. Its weights stay in
+        # decoder_tail.onnx.data, where the table also lives.
+        ex.tail_to_final_hidden(out / "decoder_tail.onnx", out / "decoder_tail.final_hidden.onnx",
+                                manifest["decoder"]["hidden_size"], share_data=True)
     golden = write_goldens(fx, out, model, processor, square, example, manifest)
     print(f"[fixture] {fx['id']}: greedy {golden['greedy_tokens']} -> {golden['greedy_text']!r}")
     split_sweep(fx, ckpt, model, processor, square)

@@ -1,13 +1,15 @@
 //! The decoder split at layer K: a head graph (layers [0, K) plus the Stage-2 signal) and a tail graph
-//! (layers [K, N), final norm, last-position logits), each with its own in-place KV cache.
+//! (layers [K, N), final norm, last-position logits), each with its own in-place KV cache. A tail may instead end at
+//! the final norm (manifest `decoder.tail.final_hidden`): then the tied lm_head is the embedding table, applied here.
 
 use std::borrow::Cow;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ndarray::{Array2, ArrayView2, Axis};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{TensorElementType, TensorRef};
 
+use crate::embeddings::Embeddings;
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
 use crate::manifest::{layer_name, Manifest};
@@ -21,7 +23,7 @@ pub enum Half {
     Head,
     /// Middle segment `i` (manifest `decoder.middle[i]`); like the head, from a later layer.
     Middle(usize),
-    /// Layers [K, N) with the final norm and lm_head; outputs last-position logits.
+    /// Layers [K, N) with the final norm and lm_head (in the graph or the embedding table); last-position logits.
     Tail,
 }
 
@@ -59,6 +61,10 @@ pub struct DecoderHalf {
     kv_heads: usize,
     head_dim: usize,
     vocab: usize,
+    /// The tied lm_head when the tail graph outputs its final hidden state (`decoder.tail.final_hidden`).
+    lm_head: Option<Arc<Embeddings>>,
+    /// Threads sharing the table lm_head with the caller (the session's intra-op thread count in all).
+    lm_head_workers: Option<rayon::ThreadPool>,
     /// Provider running the session.
     pub provider: Provider,
 }
@@ -72,8 +78,9 @@ impl DecoderHalf {
         }
     }
 
-    /// Opens and validates one half of the decoder named by the manifest.
-    pub fn load(rt: &Runtime, m: &Manifest, half: Half, opts: &SessionOptions, notes: &mut Vec<String>) -> Result<Self> {
+    /// Opens and validates one half of the decoder named by the manifest. `table` is the model's embedding table:
+    /// the tail applies it as lm_head when its graph outputs `final_hidden` instead of `logits`.
+    pub fn load(rt: &Runtime, m: &Manifest, half: Half, table: &Arc<Embeddings>, opts: &SessionOptions, notes: &mut Vec<String>) -> Result<Self> {
         let d = &m.decoder;
         let stage = Self::stage(half);
         let (file, field, input, positions, pk, pv, nk, nv, output, row, layers) = match half {
@@ -87,7 +94,11 @@ impl DecoderHalf {
             }
             Half::Tail => {
                 let t = &d.tail;
-                (&t.file, "decoder.tail.file", &t.hidden_states, &t.position_ids, &t.past_key, &t.past_value, &t.new_key, &t.new_value, &t.logits, None, d.split_layer..d.num_layers)
+                let output = t.logits.as_ref().or(t.final_hidden.as_ref()).ok_or_else(|| Error::Manifest {
+                    path: m.path(),
+                    message: "decoder.tail names neither `logits` nor `final_hidden`".into(),
+                })?;
+                (&t.file, "decoder.tail.file", &t.hidden_states, &t.position_ids, &t.past_key, &t.past_value, &t.new_key, &t.new_value, output, None, d.split_layer..d.num_layers)
             }
         };
         let opened = rt.open(stage, &m.file(file), field, opts)?;
@@ -103,6 +114,9 @@ impl DecoderHalf {
         ];
         let mut outputs = vec![match half {
             Half::Head | Half::Middle(_) => Expect { name: output, field: "decoder.hidden_size", ty: f32t, dims: vec![Some(1), None, h] },
+            Half::Tail if d.tail.final_hidden.is_some() => {
+                Expect { name: output, field: "decoder.tail.final_hidden (decoder.hidden_size)", ty: f32t, dims: vec![Some(1), h] }
+            }
             Half::Tail => Expect { name: output, field: "decoder.vocab_size", ty: f32t, dims: vec![Some(1), Some(d.vocab_size as i64)] },
         }];
         for names in [&past_keys, &past_values] {
@@ -130,6 +144,28 @@ impl DecoderHalf {
                 ),
             });
         }
+        let lm_head = match half {
+            Half::Tail if d.tail.final_hidden.is_some() => {
+                if table.rows() < d.vocab_size || table.cols() != d.hidden_size {
+                    return Err(Error::Manifest {
+                        path: m.path(),
+                        message: format!(
+                            "decoder.tail.final_hidden needs the embedding table as lm_head, but it is [{} x {}] for vocab {} x hidden {}",
+                            table.rows(),
+                            table.cols(),
+                            d.vocab_size,
+                            d.hidden_size
+                        ),
+                    });
+                }
+                Some(Arc::clone(table))
+            }
+            _ => None,
+        };
+        let lm_head_workers = match &lm_head {
+            Some(_) => crate::embeddings::lm_head_workers(opts.intra_threads.filter(|&n| n > 0).unwrap_or_else(|| rt.threads()), d.vocab_size)?,
+            None => None,
+        };
         notes.extend(opened.note);
         Ok(DecoderHalf {
             half,
@@ -147,6 +183,8 @@ impl DecoderHalf {
             kv_heads: d.num_key_value_heads,
             head_dim: d.head_dim,
             vocab: d.vocab_size,
+            lm_head,
+            lm_head_workers,
             provider: opened.provider,
         })
     }
@@ -223,12 +261,22 @@ impl DecoderHalf {
                 }
                 Ok(HalfOutput::Head { hidden, attention_row })
             }
-            Half::Tail => {
-                if dims != [1, self.vocab] {
-                    return Err(Error::Shape { what: self.output.clone(), message: format!("expected [1, {}], got {dims:?}", self.vocab) });
+            Half::Tail => match &self.lm_head {
+                Some(table) => {
+                    if dims != [1, self.hidden] {
+                        return Err(Error::Shape { what: self.output.clone(), message: format!("expected [1, {}], got {dims:?}", self.hidden) });
+                    }
+                    let mut logits = vec![0.0f32; self.vocab];
+                    table.logits_into(&data, &mut logits, self.lm_head_workers.as_ref())?;
+                    Ok(HalfOutput::Tail { logits })
                 }
-                Ok(HalfOutput::Tail { logits: data })
-            }
+                None => {
+                    if dims != [1, self.vocab] {
+                        return Err(Error::Shape { what: self.output.clone(), message: format!("expected [1, {}], got {dims:?}", self.vocab) });
+                    }
+                    Ok(HalfOutput::Tail { logits: data })
+                }
+            },
         }
     }
 }

@@ -9,6 +9,9 @@ use ndarray::ArrayViewMut2;
 use crate::error::{Error, Result};
 use crate::manifest::{EmbeddingDtype, EmbeddingSpec};
 
+/// Fewer rows than this per thread cost more to hand out than they save.
+const MIN_ROWS_PER_THREAD: usize = 8192;
+
 /// A read-only, memory-mapped `[rows, cols]` table of f16, f32 or row-scaled int8.
 pub struct Embeddings {
     map: Mmap,
@@ -106,6 +109,65 @@ impl Embeddings {
         Ok(())
     }
 
+    /// Applies the table as a tied lm_head: `out[r] = row(r) . hidden` for the first `out.len()` rows (the
+    /// vocabulary; a table may carry extra rows). Used when the decoder tail outputs its final hidden state instead
+    /// of logits, so the table is stored and read once, not twice (once per gather, once per lm_head).
+    /// With `workers`, the rows are split into one part per worker plus one for the calling thread (no part under
+    /// 8192 rows); see [`lm_head_workers`].
+    pub fn logits_into(&self, hidden: &[f32], out: &mut [f32], workers: Option<&rayon::ThreadPool>) -> Result<()> {
+        if hidden.len() != self.cols {
+            return Err(Error::Shape { what: "lm_head input".into(), message: format!("{} values for {} columns", hidden.len(), self.cols) });
+        }
+        if out.len() > self.rows {
+            return Err(Error::Shape { what: "lm_head output".into(), message: format!("{} logits from a {}-row table", out.len(), self.rows) });
+        }
+        if let Some(bad) = hidden.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Shape { what: "lm_head input".into(), message: format!("value {} at column {bad} is not finite", hidden[bad]) });
+        }
+        let row = self.dtype.row_bytes(self.cols);
+        let table = &self.map[self.offset..self.offset + out.len() * row];
+        match self.dtype {
+            EmbeddingDtype::Q8Row => {
+                let (h, hscale) = dot::quantize(hidden);
+                let parts = 1 + workers.map_or(0, rayon::ThreadPool::current_num_threads);
+                let per = out.len().div_ceil(parts).max(MIN_ROWS_PER_THREAD);
+                match workers {
+                    Some(pool) if per < out.len() => pool.in_place_scope(|scope| {
+                        let mut parts = table.chunks(per * row).zip(out.chunks_mut(per));
+                        let first = parts.next();
+                        for (t, o) in parts {
+                            let h = &h;
+                            scope.spawn(move |_| dot::q8_rows(t, row, h, hscale, o));
+                        }
+                        if let Some((t, o)) = first {
+                            dot::q8_rows(t, row, &h, hscale, o);
+                        }
+                    }),
+                    _ => dot::q8_rows(table, row, &h, hscale, out),
+                }
+            }
+            EmbeddingDtype::F16 => {
+                let mut buf = vec![0.0f32; self.cols];
+                for (o, bytes) in out.iter_mut().zip(table.chunks_exact(row)) {
+                    for (b, c) in buf.iter_mut().zip(bytes.chunks_exact(2)) {
+                        *b = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                    }
+                    *o = dot::f32s(&buf, hidden);
+                }
+            }
+            EmbeddingDtype::F32 => {
+                let mut buf = vec![0.0f32; self.cols];
+                for (o, bytes) in out.iter_mut().zip(table.chunks_exact(row)) {
+                    for (b, c) in buf.iter_mut().zip(bytes.chunks_exact(4)) {
+                        *b = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
+                    *o = dot::f32s(&buf, hidden);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Gathers the rows of `ids` into the rows of `out` ([ids.len(), cols]).
     pub fn gather_into(&self, ids: &[u32], mut out: ArrayViewMut2<'_, f32>) -> Result<()> {
         if out.nrows() != ids.len() {
@@ -118,6 +180,190 @@ impl Embeddings {
             }
         }
         Ok(())
+    }
+}
+
+/// Worker threads for [`Embeddings::logits_into`] when `threads` threads should share it (the calling thread is
+/// one of them): `None` for one thread or a vocabulary too small to split. Persistent threads, because spawning
+/// them for every token measurably slowed the ONNX Runtime sessions around it (+0.3 ms a token on the demo model).
+pub fn lm_head_workers(threads: usize, vocab: usize) -> Result<Option<rayon::ThreadPool>> {
+    let n = threads.min(vocab / MIN_ROWS_PER_THREAD).saturating_sub(1);
+    if n == 0 {
+        return Ok(None);
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("nuwa-lm-head-{i}"))
+        .build()
+        .map(Some)
+        .map_err(|e| Error::Runtime(format!("cannot start the lm_head threads: {e}")))
+}
+
+/// Row dot products for [`Embeddings::logits_into`].
+///
+/// `q8_row` rows against an int16-quantised hidden state: integer multiply-adds (exact), one f32 multiply by the
+/// two scales per row. The int16 limit keeps every partial sum inside i32 (|q| <= 128, so |sum| <= 128 x cols x
+/// limit), and leaves 12 bits or more of the hidden state's precision up to 4096 columns: the logits differ from
+/// f32 arithmetic by ~1e-4 of their range, far below the table's own int8 rounding. Reading the table is the cost
+/// (12.6 MB for 49153 x 256), so the rows are split across threads. The AVX2 kernel is picked at run time (the
+/// default x86-64 target has no AVX2); elsewhere the portable loop is what the compiler vectorises (NEON on aarch64).
+mod dot {
+    /// Quantises `hidden` to int16 for `cols`-wide rows; returns the values and their scale.
+    pub(super) fn quantize(hidden: &[f32]) -> (Vec<i16>, f32) {
+        let limit = (i32::MAX as f32 / (128.0 * hidden.len().max(1) as f32)).min(32767.0).floor();
+        let max = hidden.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        if max == 0.0 {
+            return (vec![0; hidden.len()], 0.0);
+        }
+        let scale = max / limit;
+        (hidden.iter().map(|&v| (v / scale).round() as i16).collect(), scale)
+    }
+
+    fn rows_portable(table: &[u8], row: usize, h: &[i16], hscale: f32, out: &mut [f32]) {
+        for (o, bytes) in out.iter_mut().zip(table.chunks_exact(row)) {
+            let scale = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let mut acc = [0i32; 16];
+            let mut qc = bytes[4..].chunks_exact(16);
+            let mut hc = h.chunks_exact(16);
+            for (qs, hs) in (&mut qc).zip(&mut hc) {
+                for k in 0..16 {
+                    acc[k] += i32::from(qs[k] as i8) * i32::from(hs[k]);
+                }
+            }
+            let mut sum: i32 = acc.iter().sum();
+            for (&q, &v) in qc.remainder().iter().zip(hc.remainder()) {
+                sum += i32::from(q as i8) * i32::from(v);
+            }
+            *o = scale * hscale * sum as f32;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[allow(unsafe_code)]
+    fn rows_avx2(table: &[u8], row: usize, h: &[i16], hscale: f32, out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let cols = h.len();
+        for (o, bytes) in out.iter_mut().zip(table.chunks_exact(row)) {
+            let scale = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let q = &bytes[4..4 + cols];
+            let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            let mut c = 0;
+            while c + 32 <= cols {
+                // SAFETY: c + 32 <= cols = q.len() = h.len(): every load reads inside the slices (unaligned loads).
+                unsafe {
+                    let x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.as_ptr().add(c).cast()));
+                    let x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.as_ptr().add(c + 16).cast()));
+                    let h0 = _mm256_loadu_si256(h.as_ptr().add(c).cast());
+                    let h1 = _mm256_loadu_si256(h.as_ptr().add(c + 16).cast());
+                    a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(x0, h0));
+                    a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(x1, h1));
+                }
+                c += 32;
+            }
+            let a = _mm256_add_epi32(a0, a1);
+            let v = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a));
+            let v = _mm_add_epi32(v, _mm_shuffle_epi32::<0b01_00_11_10>(v));
+            let v = _mm_add_epi32(v, _mm_shuffle_epi32::<0b10_11_00_01>(v));
+            let mut sum = _mm_cvtsi128_si32(v);
+            for (&b, &x) in q[c..].iter().zip(&h[c..]) {
+                sum += i32::from(b as i8) * i32::from(x);
+            }
+            *o = scale * hscale * sum as f32;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[allow(unsafe_code)]
+    fn rows_avx512(table: &[u8], row: usize, h: &[i16], hscale: f32, out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let cols = h.len();
+        for (o, bytes) in out.iter_mut().zip(table.chunks_exact(row)) {
+            let scale = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let q = &bytes[4..4 + cols];
+            let (mut a0, mut a1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            let mut c = 0;
+            while c + 64 <= cols {
+                // SAFETY: c + 64 <= cols = q.len() = h.len(): every load reads inside the slices (unaligned loads).
+                unsafe {
+                    let x0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(q.as_ptr().add(c).cast()));
+                    let x1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(q.as_ptr().add(c + 32).cast()));
+                    let h0 = _mm512_loadu_si512(h.as_ptr().add(c).cast());
+                    let h1 = _mm512_loadu_si512(h.as_ptr().add(c + 32).cast());
+                    a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(x0, h0));
+                    a1 = _mm512_add_epi32(a1, _mm512_madd_epi16(x1, h1));
+                }
+                c += 64;
+            }
+            let mut sum = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));
+            for (&b, &x) in q[c..].iter().zip(&h[c..]) {
+                sum += i32::from(b as i8) * i32::from(x);
+            }
+            *o = scale * hscale * sum as f32;
+        }
+    }
+
+    /// `out[r] = scale_r * sum_c q[r][c] * hidden[c]` over `q8_row` rows of `row` bytes (`hidden` quantised).
+    pub(super) fn q8_rows(table: &[u8], row: usize, h: &[i16], hscale: f32, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU has AVX-512 F and BW, the features the function is compiled for (checked just above).
+            #[allow(unsafe_code)]
+            unsafe {
+                rows_avx512(table, row, h, hscale, out)
+            };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, the one feature the function is compiled for (checked just above).
+            #[allow(unsafe_code)]
+            unsafe {
+                rows_avx2(table, row, h, hscale, out)
+            };
+            return;
+        }
+        rows_portable(table, row, h, hscale, out)
+    }
+
+    /// Plain f32 dot product (f16 and f32 tables, converted a row at a time).
+    pub(super) fn f32s(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0.0f32; 16];
+        let mut ac = a.chunks_exact(16);
+        let mut bc = b.chunks_exact(16);
+        for (xs, ys) in (&mut ac).zip(&mut bc) {
+            for k in 0..16 {
+                acc[k] += xs[k] * ys[k];
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for (x, y) in ac.remainder().iter().zip(bc.remainder()) {
+            sum += x * y;
+        }
+        sum
+    }
+
+    #[cfg(test)]
+    pub(super) type Kernel = Box<dyn Fn(&[u8], usize, &[i16], f32, &mut [f32])>;
+
+    /// Every kernel this CPU can run, by name (tests compare them).
+    #[cfg(test)]
+    #[allow(unsafe_code)]
+    pub(super) fn kernels_here() -> Vec<(&'static str, Kernel)> {
+        let mut k: Vec<(&'static str, Kernel)> = vec![("portable", Box::new(rows_portable))];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: feature detected.
+                k.push(("avx2", Box::new(|t, r, h, s, o| unsafe { rows_avx2(t, r, h, s, o) })));
+            }
+            if std::arch::is_x86_feature_detected!("avx512bw") {
+                // SAFETY: feature detected.
+                k.push(("avx512", Box::new(|t, r, h, s, o| unsafe { rows_avx512(t, r, h, s, o) })));
+            }
+        }
+        k
     }
 }
 
@@ -169,6 +415,89 @@ mod tests {
         let path = temp_file("short", &[0u8; 13]); // 2 rows x 3 cols need 2 * (4 + 3) = 14 bytes
         let err = Embeddings::open(&path, &spec("t", EmbeddingDtype::Q8Row, 2, 3, 0)).unwrap_err().to_string();
         assert!(err.contains("13 bytes") && err.contains("need 14"), "{err}");
+    }
+
+    #[test]
+    fn logits_are_row_dot_hidden_for_every_dtype() {
+        // 3 rows x 19 cols (a full 16-lane chunk and a remainder), compared with a plain f64 sum of the gathered rows.
+        let cols = 19;
+        let vals: Vec<Vec<f32>> = (0..3).map(|r| (0..cols).map(|c| ((r * 7 + c * 3) % 11) as f32 - 5.0).collect()).collect();
+        let hidden: Vec<f32> = (0..cols).map(|c| 0.25 * c as f32 - 2.0).collect();
+        let mut q8 = Vec::new();
+        let mut f16 = Vec::new();
+        let mut f32b = Vec::new();
+        for row in &vals {
+            q8.extend_from_slice(&0.5f32.to_le_bytes());
+            q8.extend(row.iter().map(|&v| (2.0 * v) as i8 as u8)); // scale 0.5 x (2v) = v exactly
+            for &v in row {
+                f16.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
+                f32b.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        for (name, dtype, bytes) in [("lq8", EmbeddingDtype::Q8Row, q8), ("lf16", EmbeddingDtype::F16, f16), ("lf32", EmbeddingDtype::F32, f32b)] {
+            let path = temp_file(name, &bytes);
+            let e = Embeddings::open(&path, &spec("t", dtype, 3, cols, 0)).unwrap();
+            let mut out = [0.0f32; 2]; // the vocabulary may be shorter than the table
+            e.logits_into(&hidden, &mut out, None).unwrap();
+            for (r, &got) in out.iter().enumerate() {
+                let mut row = vec![0.0f32; cols];
+                e.row_into(r as u32, &mut row).unwrap();
+                let want: f64 = row.iter().zip(&hidden).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                assert!((f64::from(got) - want).abs() < 1e-3, "{name} row {r}: {got} vs {want}");
+            }
+            assert!(out[0] != out[1], "{name}: rows differ, so must their logits");
+            let err = e.logits_into(&hidden[1..], &mut out, None).unwrap_err().to_string();
+            assert!(err.contains("18 values for 19 columns"), "{err}");
+            let err = e.logits_into(&hidden, &mut [0.0; 4], None).unwrap_err().to_string();
+            assert!(err.contains("4 logits from a 3-row table"), "{err}");
+            let mut bad = hidden.clone();
+            bad[3] = f32::NAN;
+            let err = e.logits_into(&bad, &mut out, None).unwrap_err().to_string();
+            assert!(err.contains("column 3 is not finite"), "{err}");
+        }
+    }
+
+    #[test]
+    fn q8_logits_split_across_threads_match_f64_and_the_portable_kernel() {
+        // 20000 rows (parts of 8192 rows at least) x 135 columns (AVX-512: two 64-wide steps, AVX2: four 32-wide
+        // steps, then a 7-column tail).
+        let (rows, cols) = (20000usize, 135usize);
+        let mut bytes = Vec::with_capacity(rows * (4 + cols));
+        let mut x = 7u32;
+        for r in 0..rows {
+            bytes.extend_from_slice(&(0.001 * (1 + r % 13) as f32).to_le_bytes());
+            for _ in 0..cols {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                bytes.push((x >> 24) as u8);
+            }
+        }
+        let path = temp_file("q8big", &bytes);
+        let e = Embeddings::open(&path, &spec("t", EmbeddingDtype::Q8Row, rows, cols, 0)).unwrap();
+        let hidden: Vec<f32> = (0..cols).map(|c| ((c * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let mut one = vec![0.0f32; rows];
+        let mut three = vec![0.0f32; rows];
+        e.logits_into(&hidden, &mut one, None).unwrap();
+        let workers = lm_head_workers(3, rows).unwrap();
+        assert_eq!(workers.as_ref().map(rayon::ThreadPool::current_num_threads), Some(1), "20000 rows: 2 parts of >= 8192");
+        assert!(lm_head_workers(1, rows).unwrap().is_none() && lm_head_workers(8, 9000).unwrap().is_none());
+        let workers = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        e.logits_into(&hidden, &mut three, Some(&workers)).unwrap();
+        assert_eq!(one, three, "the split must not change a single logit");
+        let (h, hs) = dot::quantize(&hidden);
+        for (name, kernel) in dot::kernels_here() {
+            let mut got = vec![0.0f32; rows];
+            kernel(&bytes, 4 + cols, &h, hs, &mut got);
+            assert_eq!(one, got, "kernel {name}: every kernel computes the same integer sums");
+        }
+        let mut row = vec![0.0f32; cols];
+        let mut worst = 0.0f64;
+        for r in (0..rows).step_by(997) {
+            e.row_into(r as u32, &mut row).unwrap();
+            let want: f64 = row.iter().zip(&hidden).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+            worst = worst.max((f64::from(one[r]) - want).abs());
+        }
+        assert!(worst < 1e-3, "int16 hidden state: max error {worst}");
+        assert!(one.iter().any(|&v| v.abs() > 1.0), "non-trivial logits");
     }
 
     #[test]

@@ -262,8 +262,13 @@ pub struct DecoderTailSpec {
     pub past_key: String,
     /// Past values, `%d` = global layer index.
     pub past_value: String,
-    /// Last-position logits output, f32 [1, vocab].
-    pub logits: String,
+    /// Last-position logits output, f32 [1, vocab]; exactly one of `logits` and `final_hidden` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits: Option<String>,
+    /// Last-position hidden state after the final norm, f32 [1, hidden], for a tied lm_head: the runtime applies the
+    /// `embeddings` table itself (logits = table[..vocab] x final_hidden), so the table is stored once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_hidden: Option<String>,
     /// New keys output, `%d` = global layer index.
     pub new_key: String,
     /// New values output, `%d` = global layer index.
@@ -418,6 +423,10 @@ impl Manifest {
             format!("decoder.middle segments end at layer {at} but decoder.split_layer is {}", d.split_layer),
         )?;
 
+        check(
+            d.tail.logits.is_some() != d.tail.final_hidden.is_some(),
+            "decoder.tail must name exactly one of `logits` (lm_head inside the graph) and `final_hidden` (lm_head = the embeddings table)".into(),
+        )?;
         let e = &self.embeddings;
         check(
             e.cols == d.hidden_size,

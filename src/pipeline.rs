@@ -41,7 +41,7 @@ pub struct LoadOptions {
 pub struct Model {
     manifest: Manifest,
     tokenizer: Arc<Tokenizer>,
-    embeddings: Embeddings,
+    embeddings: Arc<Embeddings>,
     vision: VisionEncoder,
     projector: Projector,
     head: DecoderHalf,
@@ -200,7 +200,7 @@ impl Model {
         let manifest = Manifest::load(dir)?;
         // Cheap file checks first, so a broken directory fails before any graph is parsed.
         let emb_path = manifest.file(&manifest.embeddings.file);
-        let embeddings = Embeddings::open(&emb_path, &manifest.embeddings)?;
+        let embeddings = Arc::new(Embeddings::open(&emb_path, &manifest.embeddings)?);
         let tok_path = manifest.file(&manifest.tokenizer.file);
         if !tok_path.is_file() {
             return Err(Error::ModelFile { path: tok_path, message: "not found (named by manifest field tokenizer.file)".into() });
@@ -218,11 +218,11 @@ impl Model {
         }
         let vision = VisionEncoder::load(&runtime, &vision_manifest, &sopts, &mut notes)?;
         let projector = Projector::load(&runtime, &manifest, &sopts, &mut notes)?;
-        let head = DecoderHalf::load(&runtime, &manifest, Half::Head, &sopts, &mut notes)?;
+        let head = DecoderHalf::load(&runtime, &manifest, Half::Head, &embeddings, &sopts, &mut notes)?;
         let middle = (0..manifest.decoder.middle.len())
-            .map(|i| DecoderHalf::load(&runtime, &manifest, Half::Middle(i), &sopts, &mut notes))
+            .map(|i| DecoderHalf::load(&runtime, &manifest, Half::Middle(i), &embeddings, &sopts, &mut notes))
             .collect::<Result<Vec<_>>>()?;
-        let tail = DecoderHalf::load(&runtime, &manifest, Half::Tail, &sopts, &mut notes)?;
+        let tail = DecoderHalf::load(&runtime, &manifest, Half::Tail, &embeddings, &sopts, &mut notes)?;
         notes.dedup();
         Ok(Arc::new(Model { manifest, tokenizer: Arc::new(tokenizer), embeddings, vision, projector, head, middle, tail, notes, runtime }))
     }

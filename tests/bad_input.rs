@@ -288,6 +288,30 @@ fn unavailable_execution_provider_falls_back_to_cpu_and_says_so() {
 }
 
 #[test]
+fn tail_output_must_be_logits_or_final_hidden_and_match_the_graph() {
+    let dir = scratch("tail-both");
+    copy_model(&dir);
+    edit_manifest(&dir, |m| m["decoder"]["tail"]["final_hidden"] = serde_json::json!("final_hidden"));
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["decoder.tail", "exactly one", "final_hidden"]);
+    edit_manifest(&dir, |m| {
+        m["decoder"]["tail"].as_object_mut().expect("tail").remove("final_hidden");
+        m["decoder"]["tail"].as_object_mut().expect("tail").remove("logits");
+    });
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["decoder.tail", "exactly one", "logits"]);
+    // The manifest promises a final hidden state but the graph still ends in lm_head.
+    edit_manifest(&dir, |m| m["decoder"]["tail"]["final_hidden"] = serde_json::json!("logits"));
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["decoder tail", "logits", "final_hidden"]);
+    // The cut graph named as if it still produced logits.
+    edit_manifest(&dir, |m| {
+        let tail = m["decoder"]["tail"].as_object_mut().expect("tail");
+        tail.remove("final_hidden");
+        tail.insert("logits".into(), "final_hidden".into());
+        tail.insert("file".into(), "decoder_tail.final_hidden.onnx".into());
+    });
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["decoder tail", "final_hidden", "vocab"]);
+}
+
+#[test]
 fn middle_segments_that_do_not_tile_the_head_are_rejected() {
     let dir = scratch("bad-middle");
     copy_model_from(&root().join("models").join("tiny-llava-dinov2"), &dir);

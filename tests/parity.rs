@@ -25,16 +25,54 @@ fn fixture(id: &str) -> Option<Fixture> {
     if !dir.join("manifest.json").is_file() {
         return None;
     }
+    Some(fixture_at(dir))
+}
+
+fn fixture_at(dir: PathBuf) -> Fixture {
     let golden: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden/golden.json")).expect("golden.json")).expect("golden json");
     let opts = LoadOptions { vision_fp32: true, ..LoadOptions::default() };
     let model = Model::load(&dir, &opts).expect("load fixture");
-    Some(Fixture { dir, golden, model })
+    Fixture { dir, golden, model }
 }
 
 fn fixtures() -> Vec<Fixture> {
-    let all: Vec<Fixture> = ["tiny-llava-clip", "tiny-llava-dinov2"].iter().filter_map(|id| fixture(id)).collect();
+    let mut all: Vec<Fixture> = ["tiny-llava-clip", "tiny-llava-dinov2"].iter().filter_map(|id| fixture(id)).collect();
     assert!(!all.is_empty(), "no fixture under models/");
+    all.extend(table_lm_head_fixture());
     all
+}
+
+/// tiny-llava-clip (tied lm_head) with the tail that ends at the final norm (`decoder_tail.final_hidden.onnx`,
+/// written by onnx/make_fixtures.py): the runtime applies the shared embedding table as lm_head itself, and must
+/// reproduce the same PyTorch goldens as the graph's own Gemm.
+fn table_lm_head_fixture() -> Option<Fixture> {
+    let src = root().join("models").join("tiny-llava-clip");
+    if !src.join("decoder_tail.final_hidden.onnx").is_file() {
+        return None;
+    }
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("parity-final-hidden-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for sub in ["", "golden"] {
+        std::fs::create_dir_all(dir.join(sub)).expect("scratch dir");
+        for entry in std::fs::read_dir(src.join(sub)).expect("fixture") {
+            let entry = entry.expect("entry");
+            if entry.file_type().expect("type").is_file() {
+                std::fs::copy(entry.path(), dir.join(sub).join(entry.file_name())).expect("copy");
+            }
+        }
+    }
+    let path = dir.join("manifest.json");
+    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("manifest")).expect("json");
+    let tail = m["decoder"]["tail"].as_object_mut().expect("tail");
+    tail.remove("logits").expect("the fixture's tail outputs logits");
+    tail.insert("final_hidden".into(), "final_hidden".into());
+    tail.insert("file".into(), "decoder_tail.final_hidden.onnx".into());
+    std::fs::write(&path, serde_json::to_string_pretty(&m).expect("json")).expect("write manifest");
+    let f = fixture_at(dir);
+    assert!(f.model.manifest().decoder.tail.final_hidden.is_some());
+    Some(f)
 }
 
 impl Fixture {

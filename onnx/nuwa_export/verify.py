@@ -103,6 +103,7 @@ class OrtModel:
         self.middle = [mk(mid["file"]) for mid in self.m["decoder"].get("middle", [])]
         self.tail = mk(self.m["decoder"]["tail"]["file"])
         self.table = read_table(self.dir, self.m["embeddings"])
+        self.lm_head = None  # the table as f32 [vocab, hidden], made on first use by a `final_hidden` tail
         d = self.m["decoder"]
         self.n, self.k = d["num_layers"], d["split_layer"]
         self.kvh, self.hd = d["num_key_value_heads"], d["head_dim"]
@@ -140,15 +141,22 @@ class OrtModel:
         feeds = {t["hidden_states"]: hidden, t["position_ids"]: positions}
         for i in range(self.k, self.n):
             feeds[t["past_key"] % i], feeds[t["past_value"] % i] = kv[2 * i], kv[2 * i + 1]
-        names = [t["logits"]] + sum(([t["new_key"] % i, t["new_value"] % i] for i in range(self.k, self.n)), [])
+        out_name = t["final_hidden"] if "final_hidden" in t else t["logits"]
+        names = [out_name] + sum(([t["new_key"] % i, t["new_value"] % i] for i in range(self.k, self.n)), [])
         outs = self.tail.run(names, feeds)
         new += outs[1:]
         kv = [np.concatenate([old, nw], axis=1) for old, nw in zip(kv, new)]  # append in sequence order
-        return outs[0], row, kv
+        logits = outs[0]
+        if "final_hidden" in t:  # tied lm_head = the embedding table, as the runtime applies it
+            if self.lm_head is None:
+                self.lm_head = np.asarray(self.table[: d["vocab_size"]], dtype=np.float32)
+            logits = (self.lm_head @ logits[0].astype(np.float32))[None]
+        return logits, row, kv
 
-    def generate(self, input_ids: list[int], pixel_values: np.ndarray, forced: list[int]) -> dict:
+    def generate(self, input_ids: list[int], pixel_values: np.ndarray, forced: list[int] | int) -> dict:
         """Prefill + len(forced)-1 decode steps, feeding `forced` tokens (teacher forcing, so logits are comparable
-        step by step with the reference); returns logits per step, greedy argmaxes and prefill signals."""
+        step by step with the reference); returns logits per step, greedy argmaxes and prefill signals. An int
+        `forced` = that many steps feeding back each step's own argmax (greedy decoding)."""
         vis = self.run_vision(pixel_values)
         img = self.project(vis["features"])
         ids = np.asarray(input_ids)
@@ -161,7 +169,9 @@ class OrtModel:
         logits, row, kv = self._step(emb[None], np.arange(len(ids), dtype=np.int64)[None], kv)
         all_logits, argmax = [logits[0]], [int(logits[0].argmax())]
         pos = len(ids)
-        for tok in forced[:-1]:
+        n_steps = forced if isinstance(forced, int) else len(forced)
+        for k in range(n_steps - 1):
+            tok = argmax[-1] if isinstance(forced, int) else forced[k]
             e = self.table[[tok]].astype(np.float32)[None]
             logits, _, kv = self._step(e, np.array([[pos]], np.int64), kv)
             all_logits.append(logits[0])
