@@ -1,7 +1,8 @@
 //! The trained demo model (models/nuwa-demo) end to end through the real binary, on images no training item used
 //! (val2017 backgrounds). These check the model's behaviour, not the runtime's parity (tests/parity.rs does that on
 //! the fixtures). The bars sit below what was measured on the held-out set (README, results/nuwa-demo.md: grounding
-//! Acc@0.5 0.727 and VQA 0.787 unpruned for phase y; on the slice below 0.711, mean IoU 0.576, VQA 0.773) and above
+//! Acc@0.5 0.731 and VQA 0.787 unpruned for phase y with the table lm_head of session 24, 0.727 / 0.787 before; on
+//! the slice below 0.711, mean IoU 0.572 (0.576 before), VQA 0.773) and above
 //! what earlier or broken weights reach (grounding on the slice: 0.207 for phase g, 0.322 for phase i, 0.405 for
 //! phase j, 0.488 for phase k, 0.570 for phase o, 0.628 for phase t, 0.653 for phase u, 0.686 for phase v, 0.694 for
 //! phase w; 0.003 for the session-2 weights). VQA at the answer prior, where phase o still was (every count "1",
@@ -101,7 +102,7 @@ fn held_out_accuracy_on_a_slice() {
     let g = v["grounding_acc"].as_f64().expect("grounding_acc");
     let iou = v["grounding_mean_iou"].as_f64().expect("grounding_mean_iou");
     assert!(g >= 0.56, "grounding Acc@0.5 {g:.3} < 0.56 (measured 0.711 for phase y; w 0.694, v 0.686, u 0.653, t 0.628, o 0.570, k 0.488): {v}");
-    assert!(iou >= 0.47, "grounding mean IoU {iou:.3} < 0.47 (measured 0.576 for phase y; w 0.560, v 0.563, u 0.542, t 0.536, o 0.459, k 0.390): {v}");
+    assert!(iou >= 0.47, "grounding mean IoU {iou:.3} < 0.47 (measured 0.572 for phase y; w 0.560, v 0.563, u 0.542, t 0.536, o 0.459, k 0.390): {v}");
     let q = v["vqa_acc"].as_f64().expect("vqa_acc");
     assert!(q >= 0.60, "VQA accuracy {q:.3} < 0.60 (measured 0.773 for phase y, 0.723 for w, 0.714 for v, 0.672 for u, 0.622 for t, 0.580 for r; answer prior ~0.41): {v}");
     // Answer formats: one word, yes / no, a count or a colour. Phase y writes a stray word after 3 of its 194

@@ -380,8 +380,13 @@ fn info(a: InfoArgs) -> Result<()> {
         d.num_layers, d.split_layer, d.head.file, d.tail.file, d.hidden_size, d.num_attention_heads, d.num_key_value_heads, d.head_dim, d.vocab_size, d.max_position_embeddings
     );
     outln!(
-        "embeddings   {} [{} x {}] {:?} at offset {}",
-        m.embeddings.file, m.embeddings.rows, m.embeddings.cols, m.embeddings.dtype, m.embeddings.offset
+        "embeddings   {} [{} x {}] {:?} at offset {}{}",
+        m.embeddings.file,
+        m.embeddings.rows,
+        m.embeddings.cols,
+        m.embeddings.dtype,
+        m.embeddings.offset,
+        if d.tail.final_hidden.is_some() { ", also the tied lm_head (the tail outputs its final hidden state)" } else { "" }
     );
     outln!(
         "tokenizer    {} (bos {:?}, eos {:?}, image token {:?} = {})",
