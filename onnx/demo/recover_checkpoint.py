@@ -12,7 +12,8 @@ the trained weights that survives. Reading them back:
   layers [0, first middle layer), the middle ranges, [split_layer, num_layers); norms are named per part
   (`layers.<local>.input_layernorm.weight`), the final `norm.weight` is in the tail;
 * the tied embedding / lm_head: the tail's MatMulNBits lm_head (blocks of 128, finer than the q8_row table's one scale
-  per row), with the table's rows beyond it (none when the sizes agree);
+  per row), with the table's rows beyond it (none when the sizes agree); a tail with `final_hidden` (session 24
+  on: the runtime applies the table itself) has no lm_head, and the q8_row table is the tied matrix;
 * the vision graph's `feature_offset` [576, 384] is train.py's learned vision position table.
 
 The int8 weights are what the runtime runs, so the recovered model is the shipped model, not the fp32 one it was
@@ -111,18 +112,23 @@ def recover(model_dir: Path) -> tuple[dict, dict, torch.Tensor | None, dict]:
     part_layers(model_dir / dec["head"]["file"], 0, first_mid, sd, False)
     for m in mids:
         part_layers(model_dir / m["file"], m["first_layer"], m["last_layer"] - m["first_layer"], sd, False)
-    inits, heads = part_layers(model_dir / dec["tail"]["file"], dec["split_layer"], L - dec["split_layer"], sd, True)
+    # A tail with `final_hidden` has no lm_head of its own (the runtime applies the table): the tied matrix is then the
+    # q8 table alone; otherwise its int8 lm_head (block-128 scales, finer than the table's one per row) is used.
+    graph_head = "logits" in dec["tail"]
+    inits, heads = part_layers(model_dir / dec["tail"]["file"], dec["split_layer"], L - dec["split_layer"], sd,
+                               graph_head)
     sd["model.norm.weight"] = inits["norm.weight"]
-    lm_head = dequant_nbits(heads[0], inits)
     emb = man["embeddings"]
     if emb["dtype"] != "q8_row":
         raise SystemExit(f"embeddings dtype {emb['dtype']}: only q8_row is handled")
     raw = np.fromfile(model_dir / emb["file"], dtype=np.uint8, offset=emb["offset"],
                       count=emb["rows"] * (4 + emb["cols"])).reshape(emb["rows"], 4 + emb["cols"])
     table = raw[:, 4:].view(np.int8).astype(np.float32) * raw[:, :4].copy().view(np.float32)
-    if lm_head.shape[0] > table.shape[0]:
-        raise SystemExit(f"lm_head has {lm_head.shape[0]} rows, the embedding table {table.shape[0]}")
-    table[:lm_head.shape[0]] = lm_head
+    if graph_head:
+        lm_head = dequant_nbits(heads[0], inits)
+        if lm_head.shape[0] > table.shape[0]:
+            raise SystemExit(f"lm_head has {lm_head.shape[0]} rows, the embedding table {table.shape[0]}")
+        table[:lm_head.shape[0]] = lm_head
     sd["model.embed_tokens.weight"] = table
     sd["lm_head.weight"] = table
     # vision position table (added to the tower's features inside the vision graph)
@@ -180,7 +186,8 @@ def check(lm, model_dir: Path, man: dict, tol: float) -> None:
         want_logits = lm.lm_head(o.last_hidden_state[:, -1]).numpy()
     parts = [(dec["head"]["file"], 0, "inputs_embeds", "hidden_states")]
     parts += [(m["file"], m["first_layer"], "hidden_states", m["output"]) for m in dec.get("middle", [])]
-    parts += [(dec["tail"]["file"], dec["split_layer"], "hidden_states", "logits")]
+    tail_out = dec["tail"].get("logits") or dec["tail"]["final_hidden"]
+    parts += [(dec["tail"]["file"], dec["split_layer"], "hidden_states", tail_out)]
     h = x.numpy()
     after_head = None
     for f, first, inp, out in parts:
@@ -192,6 +199,8 @@ def check(lm, model_dir: Path, man: dict, tol: float) -> None:
         h = s.run([out], feed)[0]
         if after_head is None:
             after_head = h
+    if "final_hidden" in dec["tail"]:  # the runtime's lm_head: the tied table (recovered into lm.lm_head)
+        h = h @ lm.lm_head.weight.detach().numpy()[: dec["vocab_size"]].T
     n_head = dec["middle"][0]["first_layer"] if dec.get("middle") else dec["split_layer"]
     d_hidden = np.abs(after_head - o.hidden_states[n_head].numpy()).max() / np.abs(after_head).max()
     d_logits = np.abs(h - want_logits).max() / np.abs(want_logits).max()
