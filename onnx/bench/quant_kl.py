@@ -37,7 +37,10 @@ def logits_for(model: Path, ids: list[int], table: np.ndarray) -> np.ndarray:
         p = np.array([[i]], np.int64)
         o, _ = head.run(x, p)
         o2, _ = tail.run(o["hidden_states"], p)
-        out.append(o2["logits"][0])
+        if "final_hidden" in d["tail"]:  # tied lm_head applied by the runtime: the embedding table
+            out.append(np.asarray(table[: d["vocab_size"]], np.float32) @ o2[d["tail"]["final_hidden"]][0])
+        else:
+            out.append(o2["logits"][0])
     return np.stack(out)
 
 
