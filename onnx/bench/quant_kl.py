@@ -17,6 +17,8 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ort_decode import Half, session  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nuwa_export.verify import read_table  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog. In the kitchen there is a wooden table with four chairs, "
         "a bowl of fruit and a vase of flowers next to the window. A man is standing near the refrigerator and "
@@ -31,14 +33,17 @@ def logits_for(model: Path, ids: list[int], table: np.ndarray) -> np.ndarray:
                 d["head_dim"], len(ids) + 1)
     tail = Half(session(model / d["tail"]["file"], 2, None, "all", ""), range(K, N), d["num_key_value_heads"],
                 d["head_dim"], len(ids) + 1)
+    lm_head = None
+    if "final_hidden" in d["tail"]:  # tied lm_head applied by the runtime: this model's own embedding table
+        lm_head = np.asarray(read_table(model, man["embeddings"])[: d["vocab_size"]], np.float32)
     out = []
     for i, t in enumerate(ids):
         x = table[t][None, None].astype(np.float32)
         p = np.array([[i]], np.int64)
         o, _ = head.run(x, p)
         o2, _ = tail.run(o["hidden_states"], p)
-        if "final_hidden" in d["tail"]:  # tied lm_head applied by the runtime: the embedding table
-            out.append(np.asarray(table[: d["vocab_size"]], np.float32) @ o2[d["tail"]["final_hidden"]][0])
+        if lm_head is not None:
+            out.append(lm_head @ o2[d["tail"]["final_hidden"]][0])
         else:
             out.append(o2["logits"][0])
     return np.stack(out)
