@@ -43,18 +43,30 @@ def parse_args(argv=None):
 
 
 def pixel_values(image: Path, spec: dict) -> np.ndarray:
-    """The manifest's preprocessing for the `pad` policy (what the runtime does; PIL's filter as the reference)."""
+    """The manifest's preprocessing (docs/model-format.md, PIL's filters): the check needs the same input for both
+    directories and a realistic one, not the runtime's exact pixels."""
     from PIL import Image
 
-    if spec["resize"] != "pad":
-        raise SystemExit(f"the check implements resize 'pad' only, the manifest says {spec['resize']!r}")
     img = Image.open(image).convert("RGB")
     w, h = img.size
-    side = max(w, h)
-    square = Image.new("RGB", (side, side), tuple(spec["pad_color"]))
-    square.paste(img, ((side - w) // 2, (side - h) // 2))
+    W, H = spec["width"], spec["height"]
     filt = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[spec["interpolation"]]
-    x = np.asarray(square.resize((spec["width"], spec["height"]), filt), np.float32) * spec["rescale"]
+    if spec["resize"] == "pad":
+        side = max(w, h)
+        square = Image.new("RGB", (side, side), tuple(spec["pad_color"]))
+        square.paste(img, ((side - w) // 2, (side - h) // 2))
+        img = square.resize((W, H), filt)
+    elif spec["resize"] == "crop":
+        s = max(W / w, H / h)
+        rw, rh = max(W, round(w * s)), max(H, round(h * s))
+        img = img.resize((rw, rh), filt)
+        left, top = (rw - W) // 2, (rh - H) // 2
+        img = img.crop((left, top, left + W, top + H))
+    elif spec["resize"] == "stretch":
+        img = img.resize((W, H), filt)
+    else:
+        raise SystemExit(f"image.resize {spec['resize']!r} is not a policy of docs/model-format.md")
+    x = np.asarray(img, np.float32) * spec["rescale"]
     x = (x - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
     return x.transpose(2, 0, 1)[None].astype(np.float32)
 
@@ -72,15 +84,22 @@ def prompt_ids(model_dir: Path, m: dict, text: str) -> list[int]:
     return ids
 
 
-def convert(work: Path) -> list[str]:
-    """Cut the lm_head off `work`'s tail graph in place and rewrite its manifest."""
-    mpath = work / "manifest.json"
+def refuse(model: Path) -> None:
+    """Stops on a directory the conversion does not apply to (before anything is copied)."""
+    mpath = model / "manifest.json"
     m = json.loads(mpath.read_text())
     tail, emb = m["decoder"]["tail"], m["embeddings"]
     if "logits" not in tail:
         raise SystemExit(f"{mpath}: decoder.tail has no `logits` (already converted?)")
     if emb["file"] == tail["file"] + ".data":
         raise SystemExit(f"{mpath}: the embedding table already lives in the tail's weights (stored once)")
+
+
+def convert(work: Path) -> list[str]:
+    """Cut the lm_head off `work`'s tail graph in place and rewrite its manifest."""
+    mpath = work / "manifest.json"
+    m = json.loads(mpath.read_text())
+    tail, emb = m["decoder"]["tail"], m["embeddings"]
     dropped = ex.tail_to_final_hidden(work / tail["file"], work / tail["file"], m["decoder"]["hidden_size"],
                                       logits=tail["logits"])
     new_tail = {}
@@ -121,9 +140,9 @@ def main(argv=None) -> None:
     src: Path = args.model.resolve()
     if not (src / "manifest.json").is_file():
         raise SystemExit(f"{src} has no manifest.json")
-    for path in (args.image,):
-        if not path.is_file():
-            raise SystemExit(f"{path} not found")
+    if not args.image.is_file():
+        raise SystemExit(f"--image {args.image} not found")
+    refuse(src)
     with tempfile.TemporaryDirectory(prefix="share-lm-head-", dir=src.parent) as tmp:
         work = Path(tmp) / src.name
         shutil.copytree(src, work)
@@ -134,10 +153,12 @@ def main(argv=None) -> None:
         r = check(src, work, args.image, args.prompt, args.steps)
         print(f"[share] {r['steps']} steps: max |logit diff| {r['max_abs']:.4g} (logits reach {r['logit_range']:.3g}), "
               f"min cosine {r['min_cosine']:.6f}, greedy tokens changed at steps {r['tokens_changed']}")
-        if r["min_cosine"] < MIN_COSINE or r["changed_with_margin"]:
-            raise SystemExit(f"[share] FAILED: cosine {r['min_cosine']:.6f} (need >= {MIN_COSINE}) or tokens changed "
-                             f"where the reference margin exceeds the difference: {r['changed_with_margin']}; "
-                             f"{src} is unchanged")
+        if r["min_cosine"] < MIN_COSINE:
+            raise SystemExit(f"[share] FAILED: logits cosine {r['min_cosine']:.6f} < {MIN_COSINE}: the tail's lm_head "
+                             f"is not the embedding table (untied?); {src} is unchanged")
+        if r["changed_with_margin"]:
+            raise SystemExit(f"[share] FAILED: greedy tokens changed at steps {r['changed_with_margin']} where the "
+                             f"reference top-2 margin exceeds the largest logit difference; {src} is unchanged")
         m = json.loads((work / "manifest.json").read_text())
         tail = m["decoder"]["tail"]["file"]
         for name in (tail, tail + ".data", "manifest.json"):
