@@ -20,6 +20,7 @@
 # there), processor/ (a prepare_train.py output's processor: SmolLM2 tokenizer + <image>; no SmolLM2 download
 # needed) and dinov2-config.json (the tower's config, for the LlavaConfig; the features come from the tracked
 # models/nuwa-demo/vision.int8.onnx, the graph the runtime runs). SECONDS (default 500) bounds the whole script.
+# onnx/demo/gpu_carry.sh makes CARRY (.dev) here and parks what the call does not need, to fit the machine's 64 MB.
 set -uo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 CARRY OUT [SECONDS]" >&2
