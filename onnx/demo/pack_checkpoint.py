@@ -105,9 +105,14 @@ def feature_offset(vision: Path) -> torch.Tensor | None:
     return None
 
 
-def unpack(src: Path, out: Path, processor: Path, vision: Path | None) -> None:
+def unpack(src: Path, out: Path, processor: Path | None, vision: Path | None) -> None:
     from safetensors.torch import load_file
 
+    if processor is None:  # what prepare_train.py wrote here, else gpu_carry.sh's copy, else made afresh below
+        processor = next((p for p in (dc.CACHE / "demo-train-big" / "processor", dc.REPO / ".dev" / "processor")
+                          if p.is_dir()), None)
+    elif not (processor / "tokenizer.json").is_file():
+        raise SystemExit(f"--processor {processor}: no tokenizer.json there")
     try:
         meta = json.loads((src / "meta.json").read_text())
         flat, parts = {}, []
@@ -148,7 +153,11 @@ def unpack(src: Path, out: Path, processor: Path, vision: Path | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.save(s, out / "last.pt")
     if not (out / "processor").exists():
-        shutil.copytree(processor, out / "processor")
+        if processor is not None:
+            shutil.copytree(processor, out / "processor")
+        else:  # a fresh machine: the processor prepare_train.py builds (SmolLM2 tokenizer + <image>, 336 px pad)
+            print("[unpack] no processor in .cache or .dev: building it (demo_common.build_processor)")
+            dc.build_processor().save_pretrained(str(out / "processor"))
     print(f"[unpack] {src} -> {out / 'last.pt'} (step {meta['state']['step']}, {meta['state']['samples']} samples; "
           f"no optimiser state: continue with train.py --init)")
 
@@ -163,7 +172,9 @@ def main() -> None:
     b = sub.add_parser("unpack")
     b.add_argument("--dir", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
-    b.add_argument("--processor", type=Path, default=dc.CACHE / "demo-train-big" / "processor")
+    b.add_argument("--processor", type=Path,
+                   help="processor dir to copy into the checkpoint (default: .cache/demo-train-big/processor, else "
+                        ".dev/processor, else built afresh)")
     b.add_argument("--vision-offset-from", type=Path, metavar="ONNX",
                    help="the vision graph that computed the training features (gpu_train.sh: the shipped "
                         "models/nuwa-demo/vision.int8.onnx of that commit); a position table it adds to `features` "
