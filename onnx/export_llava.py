@@ -196,6 +196,7 @@ def export_model(args) -> dict:
         shutil.copyfile(src_tok, out / "tokenizer.json")
     else:
         tok.backend_tokenizer.save(str(out / "tokenizer.json"))
+    mf.compact_json(out / "tokenizer.json")  # no indentation: SmolLM2's 3.5 MB file becomes 1.6 MB
     image_token = getattr(processor, "image_token", None) or "<image>"
     image_token_id = cfg.image_token_id
     if tok.convert_tokens_to_ids(image_token) != image_token_id:

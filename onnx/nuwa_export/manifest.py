@@ -5,6 +5,9 @@ prompt template is obtained by RENDERING the checkpoint's chat template, then ch
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -88,6 +91,16 @@ def derive_prompt(processor, image_token: str) -> dict:
         add_bos = tok.bos_token_id is not None and len(probe) > 0 and probe[0] == tok.bos_token_id
     template = rendered.replace(image_token, "{image}").replace(_PROMPT_SENTINEL, "{prompt}")
     return {"template": template, "add_bos": bool(add_bos)}
+
+
+def compact_json(path: Path) -> None:
+    """Rewrites a JSON file (a tokenizer.json) without indentation or escaped non-ASCII: the same document, and
+    what the runtime parses, in about half the bytes. Fails if the rewrite does not read back equal."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    if json.loads(text) != doc:
+        raise SystemExit(f"{path}: compact JSON does not read back equal")
+    path.write_text(text, encoding="utf-8")
 
 
 def runtime_input_ids(tokenizer_json: str, prompt: dict, tok_section: dict, n_image_tokens: int, text: str) -> list[int]:
