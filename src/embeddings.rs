@@ -111,9 +111,9 @@ impl Embeddings {
 
     /// Applies the table as a tied lm_head: `out[r] = row(r) . hidden` for the first `out.len()` rows (the
     /// vocabulary; a table may carry extra rows). Used when the decoder tail outputs its final hidden state instead
-    /// of logits, so the table is stored and read once, not twice (once per gather, once per lm_head).
-    /// With `workers`, the rows are split into one part per worker plus one for the calling thread (no part under
-    /// 8192 rows); see [`lm_head_workers`].
+    /// of logits, so the model stores the matrix once, not twice (as the gather's table and as the graph's lm_head).
+    /// With `workers`, the rows of a `q8_row` table are split into one part per worker plus one for the calling
+    /// thread (no part under 8192 rows; see [`lm_head_workers`]); f16 and f32 tables run on the calling thread.
     pub fn logits_into(&self, hidden: &[f32], out: &mut [f32], workers: Option<&rayon::ThreadPool>) -> Result<()> {
         if hidden.len() != self.cols {
             return Err(Error::Shape { what: "lm_head input".into(), message: format!("{} values for {} columns", hidden.len(), self.cols) });
