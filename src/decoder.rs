@@ -144,22 +144,10 @@ impl DecoderHalf {
                 ),
             });
         }
+        // The table's shape matches the vocabulary and width: Manifest::validate checks embeddings.rows/cols against
+        // decoder.vocab_size/hidden_size, and Embeddings::open maps exactly that shape.
         let lm_head = match half {
-            Half::Tail if d.tail.final_hidden.is_some() => {
-                if table.rows() < d.vocab_size || table.cols() != d.hidden_size {
-                    return Err(Error::Manifest {
-                        path: m.path(),
-                        message: format!(
-                            "decoder.tail.final_hidden needs the embedding table as lm_head, but it is [{} x {}] for vocab {} x hidden {}",
-                            table.rows(),
-                            table.cols(),
-                            d.vocab_size,
-                            d.hidden_size
-                        ),
-                    });
-                }
-                Some(Arc::clone(table))
-            }
+            Half::Tail if d.tail.final_hidden.is_some() => Some(Arc::clone(table)),
             _ => None,
         };
         let lm_head_workers = match &lm_head {

@@ -124,10 +124,10 @@ impl Embeddings {
         if let Some(bad) = hidden.iter().position(|v| !v.is_finite()) {
             return Err(Error::Shape { what: "lm_head input".into(), message: format!("value {} at column {bad} is not finite", hidden[bad]) });
         }
-        let row = self.dtype.row_bytes(self.cols);
-        let table = &self.map[self.offset..self.offset + out.len() * row];
         match self.dtype {
             EmbeddingDtype::Q8Row => {
+                let row = self.dtype.row_bytes(self.cols);
+                let table = &self.map[self.offset..self.offset + out.len() * row];
                 let (h, hscale) = dot::quantize(hidden);
                 let parts = 1 + workers.map_or(0, rayon::ThreadPool::current_num_threads);
                 let per = out.len().div_ceil(parts).max(MIN_ROWS_PER_THREAD);
@@ -146,21 +146,10 @@ impl Embeddings {
                     _ => dot::q8_rows(table, row, &h, hscale, out),
                 }
             }
-            EmbeddingDtype::F16 => {
+            EmbeddingDtype::F16 | EmbeddingDtype::F32 => {
                 let mut buf = vec![0.0f32; self.cols];
-                for (o, bytes) in out.iter_mut().zip(table.chunks_exact(row)) {
-                    for (b, c) in buf.iter_mut().zip(bytes.chunks_exact(2)) {
-                        *b = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-                    }
-                    *o = dot::f32s(&buf, hidden);
-                }
-            }
-            EmbeddingDtype::F32 => {
-                let mut buf = vec![0.0f32; self.cols];
-                for (o, bytes) in out.iter_mut().zip(table.chunks_exact(row)) {
-                    for (b, c) in buf.iter_mut().zip(bytes.chunks_exact(4)) {
-                        *b = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    }
+                for (id, o) in (0u32..).zip(out.iter_mut()) {
+                    self.row_into(id, &mut buf)?;
                     *o = dot::f32s(&buf, hidden);
                 }
             }
@@ -219,23 +208,34 @@ mod dot {
         (hidden.iter().map(|&v| (v / scale).round() as i16).collect(), scale)
     }
 
-    fn rows_portable(table: &[u8], row: usize, h: &[i16], hscale: f32, out: &mut [f32]) {
+    /// The row loop every kernel shares: per row, its scale times `dot` over the columns the kernel's full steps of
+    /// `step` cover, plus the remaining columns one at a time. Inlined into each kernel, so `dot` is compiled with
+    /// that kernel's target features.
+    #[inline(always)]
+    fn rows_with(table: &[u8], row: usize, h: &[i16], hscale: f32, out: &mut [f32], step: usize, dot: impl Fn(&[u8], &[i16]) -> i32) {
+        let cols = h.len();
+        let full = cols - cols % step;
         for (o, bytes) in out.iter_mut().zip(table.chunks_exact(row)) {
             let scale = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let q = &bytes[4..4 + cols];
+            let mut sum = dot(&q[..full], &h[..full]);
+            for (&b, &x) in q[full..].iter().zip(&h[full..]) {
+                sum += i32::from(b as i8) * i32::from(x);
+            }
+            *o = scale * hscale * sum as f32;
+        }
+    }
+
+    fn rows_portable(table: &[u8], row: usize, h: &[i16], hscale: f32, out: &mut [f32]) {
+        rows_with(table, row, h, hscale, out, 16, |q, h| {
             let mut acc = [0i32; 16];
-            let mut qc = bytes[4..].chunks_exact(16);
-            let mut hc = h.chunks_exact(16);
-            for (qs, hs) in (&mut qc).zip(&mut hc) {
+            for (qs, hs) in q.chunks_exact(16).zip(h.chunks_exact(16)) {
                 for k in 0..16 {
                     acc[k] += i32::from(qs[k] as i8) * i32::from(hs[k]);
                 }
             }
-            let mut sum: i32 = acc.iter().sum();
-            for (&q, &v) in qc.remainder().iter().zip(hc.remainder()) {
-                sum += i32::from(q as i8) * i32::from(v);
-            }
-            *o = scale * hscale * sum as f32;
-        }
+            acc.iter().sum()
+        })
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -243,14 +243,10 @@ mod dot {
     #[allow(unsafe_code)]
     fn rows_avx2(table: &[u8], row: usize, h: &[i16], hscale: f32, out: &mut [f32]) {
         use std::arch::x86_64::*;
-        let cols = h.len();
-        for (o, bytes) in out.iter_mut().zip(table.chunks_exact(row)) {
-            let scale = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-            let q = &bytes[4..4 + cols];
+        rows_with(table, row, h, hscale, out, 32, |q, h| {
             let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-            let mut c = 0;
-            while c + 32 <= cols {
-                // SAFETY: c + 32 <= cols = q.len() = h.len(): every load reads inside the slices (unaligned loads).
+            for c in (0..q.len()).step_by(32) {
+                // SAFETY: q.len() = h.len() is a multiple of 32 (rows_with): every load reads inside the slices.
                 unsafe {
                     let x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.as_ptr().add(c).cast()));
                     let x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.as_ptr().add(c + 16).cast()));
@@ -259,18 +255,13 @@ mod dot {
                     a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(x0, h0));
                     a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(x1, h1));
                 }
-                c += 32;
             }
             let a = _mm256_add_epi32(a0, a1);
             let v = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a));
             let v = _mm_add_epi32(v, _mm_shuffle_epi32::<0b01_00_11_10>(v));
             let v = _mm_add_epi32(v, _mm_shuffle_epi32::<0b10_11_00_01>(v));
-            let mut sum = _mm_cvtsi128_si32(v);
-            for (&b, &x) in q[c..].iter().zip(&h[c..]) {
-                sum += i32::from(b as i8) * i32::from(x);
-            }
-            *o = scale * hscale * sum as f32;
-        }
+            _mm_cvtsi128_si32(v)
+        })
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -278,14 +269,10 @@ mod dot {
     #[allow(unsafe_code)]
     fn rows_avx512(table: &[u8], row: usize, h: &[i16], hscale: f32, out: &mut [f32]) {
         use std::arch::x86_64::*;
-        let cols = h.len();
-        for (o, bytes) in out.iter_mut().zip(table.chunks_exact(row)) {
-            let scale = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-            let q = &bytes[4..4 + cols];
+        rows_with(table, row, h, hscale, out, 64, |q, h| {
             let (mut a0, mut a1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-            let mut c = 0;
-            while c + 64 <= cols {
-                // SAFETY: c + 64 <= cols = q.len() = h.len(): every load reads inside the slices (unaligned loads).
+            for c in (0..q.len()).step_by(64) {
+                // SAFETY: q.len() = h.len() is a multiple of 64 (rows_with): every load reads inside the slices.
                 unsafe {
                     let x0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(q.as_ptr().add(c).cast()));
                     let x1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(q.as_ptr().add(c + 32).cast()));
@@ -294,14 +281,9 @@ mod dot {
                     a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(x0, h0));
                     a1 = _mm512_add_epi32(a1, _mm512_madd_epi16(x1, h1));
                 }
-                c += 64;
             }
-            let mut sum = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));
-            for (&b, &x) in q[c..].iter().zip(&h[c..]) {
-                sum += i32::from(b as i8) * i32::from(x);
-            }
-            *o = scale * hscale * sum as f32;
-        }
+            _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1))
+        })
     }
 
     /// `out[r] = scale_r * sum_c q[r][c] * hidden[c]` over `q8_row` rows of `row` bytes (`hidden` quantised).
