@@ -6,8 +6,8 @@ final norm and the runtime multiplies by the embedding table it already memory-m
     .venv/bin/python onnx/share_lm_head.py models/nuwa-demo [--image examples/shapes-tennis.jpg] [--steps 24]
 
 What export_llava.py --lm-head table does at export time, for a directory that was exported without it (no
-checkpoint or torch needed). The conversion is made on a copy of the directory and checked before anything in the
-original is replaced: the same prompt (one image, a grounding question) runs through the old directory greedily and
+checkpoint needed; the export venv, as its onnxruntime replay imports torch). The conversion is made on a copy of
+the directory and checked before anything in the original is replaced: the same prompt (one image, a grounding question) runs through the old directory greedily and
 through the new one teacher-forced on the old tokens, both with onnxruntime as the Rust runtime drives the graphs;
 it fails (and changes nothing) unless the logits agree to within the two lm_head quantisations' difference (cosine
 >= 0.999 at every step) and every greedy token whose reference top-2 margin exceeds the largest logit difference is
@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nuwa_export import export as ex  # noqa: E402
+from nuwa_export import manifest as mf  # noqa: E402
 from nuwa_export import verify as vf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,19 +72,6 @@ def pixel_values(image: Path, spec: dict) -> np.ndarray:
     return x.transpose(2, 0, 1)[None].astype(np.float32)
 
 
-def prompt_ids(model_dir: Path, m: dict, text: str) -> list[int]:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(model_dir / m["tokenizer"]["file"]))
-    t, v = m["tokenizer"], m["vision"]
-    before, after = m["prompt"]["template"].replace("{prompt}", text).split("{image}")
-    ids = [t["bos_token_id"]] if m["prompt"]["add_bos"] else []
-    ids += tok.encode(before, add_special_tokens=False).ids
-    ids += [t["image_token_id"]] * (v["grid_h"] * v["grid_w"])
-    ids += tok.encode(after, add_special_tokens=False).ids
-    return ids
-
-
 def refuse(model: Path) -> None:
     """Stops on a directory the conversion does not apply to (before anything is copied)."""
     mpath = model / "manifest.json"
@@ -117,7 +105,9 @@ def convert(work: Path) -> list[str]:
 
 def check(old_dir: Path, new_dir: Path, image: Path, text: str, steps: int) -> dict:
     m = json.loads((old_dir / "manifest.json").read_text())
-    ids = prompt_ids(old_dir, m, text)
+    v = m["vision"]
+    ids = mf.runtime_input_ids(str(old_dir / m["tokenizer"]["file"]), m["prompt"], m["tokenizer"], v["grid_h"] * v["grid_w"],
+                               text)
     pv = pixel_values(image, m["image"])
     old = vf.OrtModel(old_dir)
     ref = old.generate(ids, pv, steps)  # greedy
