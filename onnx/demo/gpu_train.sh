@@ -8,8 +8,10 @@
 #    IMAGES scenes each, seeds SEED, SEED+1, ... (fresh scenes of the same generator as .cache/demo-train-big*);
 # 2. meanwhile a smoke run (16 scenes, 3 steps of train.py --device "$DEVICE" with every loss) so that a broken setup stops
 #    within a minute instead of after the data;
-# 3. train.py --device "$DEVICE" from scratch: the decoder of MODEL, the losses of phase y (onnx/demo/README.md section 4),
-#    --hours set to what the budget leaves; SIGTERM (timeout) makes it checkpoint and stop;
+# 3. train.py --device "$DEVICE": the decoder of MODEL from scratch, or, when CARRY has init/ (gpu_carry.sh make CKPT),
+#    from that checkpoint grown to MODEL without changing its function (train.py --init --init-aux, widen), the losses
+#    of phase y (onnx/demo/README.md section 4), --hours set to what the budget leaves; SIGTERM (timeout) makes it
+#    checkpoint and stop;
 # 4. pack_checkpoint.py pack -> OUT/pack (int8 embedding table + bfloat16 rest), logs -> OUT.
 # Back here: pack_checkpoint.py unpack --dir OUT/pack --out .cache/demo-ckpt-NAME --vision-offset-from
 # models/nuwa-demo/vision.int8.onnx (the file as tracked when the run was made: the shipped tower adds the shipped
@@ -36,8 +38,17 @@ IMAGES=${IMAGES:-400}
 SEED=${SEED:-1000}
 VISION=models/nuwa-demo/vision.int8.onnx
 DEVICE=${DEVICE:-cuda}
-read -r -a MODEL <<< "${MODEL:---hidden 384 --heads 6 --kv-heads 6 --intermediate 1536}"
-read -r -a TRAIN <<< "${TRAIN:---lr 1e-3 --min-lr-ratio 0.1 --warmup 100 --batch-images 16 --seed 101}"
+INIT=()
+if [ -e "$CARRY/init/meta.json" ]; then
+  # a trained decoder grown to 384 wide: MLP 1024 (the shipped y's) keeps the int8 export under 60 MB (1536: 61.1),
+  # and a gentler schedule than from random weights (10 steps at up to 3e-4 with no warm-up cost y 41 of its 459
+  # held-out answers, widened or not; the warm-up below starts at 6e-6)
+  read -r -a MODEL <<< "${MODEL:---hidden 384 --heads 6 --kv-heads 6 --intermediate 1024}"
+  read -r -a TRAIN <<< "${TRAIN:---lr 3e-4 --min-lr-ratio 0.1 --warmup 50 --batch-images 16 --seed 101}"
+else
+  read -r -a MODEL <<< "${MODEL:---hidden 384 --heads 6 --kv-heads 6 --intermediate 1536}"
+  read -r -a TRAIN <<< "${TRAIN:---lr 1e-3 --min-lr-ratio 0.1 --warmup 100 --batch-images 16 --seed 101}"
+fi
 LOSSES=(--projector-lr-mult 3 --attn-sup 1 --attn-layer 1 2 4 5 --attn-per-item --attn-early --box-aux 2
         --attn-sup-vqa --vqa-weight 5 --word-attn 0.5 --word-attn-layer 0 --phrase-attn 0.5 --phrase-sink
         --copy-attn 0.5 --vqa-readout 1 --readout-layers 4 --readout-init random --head-readout 1
@@ -58,6 +69,14 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO GPU', '| tra
 '| onnxruntime', onnxruntime.__version__, '| numpy', numpy.__version__, '| pillow', PIL.__version__)" \
   || fail "python environment"
 echo "[gpu_train] $(nproc --all) CPUs, $WORKERS workers x $IMAGES scenes, budget ${BUDGET}s"
+if [ -e "$CARRY/init/meta.json" ]; then
+  # the features come from the shipped tower, which adds the shipped model's vision position table: the checkpoint's
+  # own table is dropped (--vision-pos-in-features) and unpack --vision-offset-from gives it back to the result
+  "$PY" onnx/demo/pack_checkpoint.py unpack --dir "$CARRY/init" --out "$WORK/init" --processor "$CARRY/processor" \
+    > "$WORK/init.log" 2>&1 || { tail -5 "$WORK/init.log"; fail "unpacking $CARRY/init"; }
+  INIT=(--init "$WORK/init/last.pt" --init-aux --vision-pos-in-features)
+  echo "[gpu_train] starting from $CARRY/init ($(tail -1 "$WORK/init.log"))"
+fi
 
 prep() {  # DIR N SEED
   mkdir -p "$1" && { [ -e "$1/processor" ] || cp -r "$CARRY/processor" "$1/processor"; } &&
@@ -71,8 +90,8 @@ for w in $(seq 0 $((WORKERS - 1))); do
 done
 prep "$WORK/smoke" 16 999 > "$WORK/prep-smoke.log" 2>&1 || { tail -20 "$WORK/prep-smoke.log"; fail "smoke data"; }
 rm -rf "$WORK/ckpt-smoke"
-"$PY" onnx/demo/train.py --data "$WORK/smoke" --out "$WORK/ckpt-smoke" "${MODEL[@]}" "${LOSSES[@]}" \
-  --item-weight color=1.5 --device "$DEVICE" --batch-images 8 --max-steps 3 --log-every 1 2>&1 | tail -4
+"$PY" onnx/demo/train.py --data "$WORK/smoke" --out "$WORK/ckpt-smoke" "${MODEL[@]}" "${INIT[@]}" "${LOSSES[@]}" \
+  --item-weight color=1.5 --device "$DEVICE" --batch-images 8 --max-steps 3 --log-every 1 2>&1 | grep -v "^\[model\]\|^\[data\]" | tail -5
 [ "${PIPESTATUS[0]}" = 0 ] || { kill "${pids[@]}" 2>/dev/null; fail "smoke training"; }
 echo "[gpu_train] smoke passed at $(( $(date +%s) - start ))s"
 
@@ -90,7 +109,7 @@ secs=$(( $(left) - 60 ))
 hours=$(awk -v s="$secs" 'BEGIN { printf "%.4f", s / 3600 }')
 rm -rf "$WORK/ckpt"
 timeout -s TERM $(( $(left) - 25 )) "$PY" onnx/demo/train.py --data "${sets[@]}" --out "$WORK/ckpt" "${MODEL[@]}" \
-  "${LOSSES[@]}" "${WEIGHTS[@]}" "${TRAIN[@]}" --device "$DEVICE" --hours "$hours" --ckpt-minutes 2 --log-every 25 \
+  "${INIT[@]}" "${LOSSES[@]}" "${WEIGHTS[@]}" "${TRAIN[@]}" --device "$DEVICE" --hours "$hours" --ckpt-minutes 2 --log-every 25 \
   2>&1 | tee "$OUT/train.log"
 echo "[gpu_train] training exited ${PIPESTATUS[0]} at $(( $(date +%s) - start ))s"
 [ -e "$WORK/ckpt/last.pt" ] || fail "no checkpoint"

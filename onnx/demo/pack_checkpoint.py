@@ -1,6 +1,6 @@
 """Carry a train.py checkpoint's weights between machines in files of a bounded size.
 
-  python onnx/demo/pack_checkpoint.py pack --ckpt OUT/last.pt --out DIR [--max-mb 15]
+  python onnx/demo/pack_checkpoint.py pack --ckpt OUT/last.pt --out DIR [--max-mb 15] [--matrices bf16|int8]
   python onnx/demo/pack_checkpoint.py unpack --dir DIR --out CKPT_DIR
 
 A run on a borrowed GPU machine (onnx/demo/gpu_train.sh) can hand back only a few files of at most 16 MB each, 64 MB
@@ -10,7 +10,9 @@ export and the next phase need, at the precision the shipped model has anyway:
     export_llava.py --embeddings q8 ships, so packing then exporting rounds the table once more at most by half a
     step);
   * every other tensor (projector, decoder layers, norms, the training-only heads, the vision position table) as
-    bfloat16, which the int8 decoder export rounds far more coarsely;
+    bfloat16, which the int8 decoder export rounds far more coarsely; with `--matrices int8` every matrix as int8
+    rows with a float32 scale each, as the table (half the size: what carries a checkpoint read back from the
+    shipped int8 model to the machine, where bfloat16 would not fit beside the rest);
   * meta.json: the checkpoint's state (step, samples, elapsed time), args and model config.
 The optimiser state and RNG streams are dropped: an unpacked checkpoint starts a new phase (train.py --init), it
 cannot --resume. `unpack` writes CKPT_DIR/last.pt (float32) and CKPT_DIR/processor (from --processor) for assemble.py.
@@ -46,7 +48,17 @@ def flatten(s: dict) -> dict[str, torch.Tensor]:
     return flat
 
 
-def pack(ckpt: Path, out: Path, max_mb: float) -> None:
+Q, SCALE = ":int8", ":scale"  # a matrix packed by --matrices int8: its rows and their scales, under these suffixes
+
+
+def rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 rows of matrix `w` and one float32 scale a row (max |row| / 127)."""
+    w = w.float()
+    scale = w.abs().amax(1).clamp(min=1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
+
+
+def pack(ckpt: Path, out: Path, max_mb: float, matrices: str = "bf16") -> None:
     from safetensors.torch import save_file
 
     try:
@@ -59,21 +71,24 @@ def pack(ckpt: Path, out: Path, max_mb: float) -> None:
     if TIED in flat and not torch.equal(flat[TIED], flat[EMBED]):
         raise SystemExit(f"{ckpt}: lm_head is not tied to the embedding table")
     flat.pop(TIED, None)
-    w = flat.pop(EMBED).float()
-    scale = w.abs().amax(1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    q, scale = rows_int8(flat.pop(EMBED))
     limit, part, size = max_mb * 1e6, {}, 0
     rows = max(1, int(limit // (q.shape[1] + 4)))  # int8 row + its float32 scale
     files = {f"embed-{i // rows:02d}.safetensors": {"q": q[i:i + rows].contiguous(), "scale": scale[i:i + rows].contiguous()}
              for i in range(0, q.shape[0], rows)}
     for k in sorted(flat):
-        t = flat[k].to(torch.bfloat16).contiguous()
-        if t.numel() * 2 > limit:
-            raise SystemExit(f"{k}: {t.numel() * 2 / 1e6:.1f} MB alone is over --max-mb {max_mb}")
-        if size + t.numel() * 2 > limit:
+        if matrices == "int8" and flat[k].ndim == 2:
+            q, scale = rows_int8(flat[k])
+            tensors = {k + Q: q, k + SCALE: scale}
+        else:
+            tensors = {k: flat[k].to(torch.bfloat16).contiguous()}
+        n = sum(t.numel() * t.element_size() for t in tensors.values())
+        if n > limit:
+            raise SystemExit(f"{k}: {n / 1e6:.1f} MB alone is over --max-mb {max_mb}")
+        if size + n > limit:
             files[f"weights-{len(files):02d}.safetensors"], part, size = part, {}, 0
-        part[k] = t
-        size += t.numel() * 2
+        part.update(tensors)
+        size += n
     if part:
         files[f"weights-{len(files):02d}.safetensors"] = part
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +98,7 @@ def pack(ckpt: Path, out: Path, max_mb: float) -> None:
         if mb > max_mb * 1.01 + 0.1:
             raise SystemExit(f"{out / name}: {mb:.1f} MB, over --max-mb {max_mb}")
     meta = {"source": str(ckpt), "state": s["state"], "args": {k: str(v) for k, v in s.get("args", {}).items()},
-            "config": s["config"], "files": sorted(files)}
+            "config": s["config"], "files": sorted(files), "matrices": matrices}
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"[pack] {ckpt} (step {s['state']['step']}) -> {out}: "
           + ", ".join(f"{n} {(out / n).stat().st_size / 1e6:.1f} MB" for n in sorted(files)))
@@ -127,6 +142,11 @@ def unpack(src: Path, out: Path, processor: Path | None, vision: Path | None) ->
     if not parts:
         raise SystemExit(f"{src}: meta.json lists no embed-NN.safetensors")
     w = torch.cat(parts)  # files are listed sorted: embed-00, embed-01, ...
+    for k in [k for k in flat if k.endswith(Q)]:  # --matrices int8
+        name = k[:-len(Q)]
+        if name + SCALE not in flat:
+            raise SystemExit(f"{src}: {k} without its {name + SCALE}")
+        flat[name] = flat.pop(k).float() * flat.pop(name + SCALE)[:, None]
     s: dict = {g: None for g in GROUPS}
     for k, t in flat.items():
         g, _, rest = k.partition(".")
@@ -169,6 +189,10 @@ def main() -> None:
     a.add_argument("--ckpt", type=Path, required=True)
     a.add_argument("--out", type=Path, required=True)
     a.add_argument("--max-mb", type=float, default=15.0)
+    a.add_argument("--matrices", choices=["bf16", "int8"], default="bf16",
+                   help="the matrices other than the embedding table: bfloat16, or int8 rows + a scale each (half "
+                        "the size; for a checkpoint read back from an int8 model, whose weights are int8 anyway: "
+                        "gpu_carry.sh's --init carry)")
     b = sub.add_parser("unpack")
     b.add_argument("--dir", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
@@ -181,7 +205,7 @@ def main() -> None:
                         "is part of what the decoder was trained on, so the checkpoint takes it as its own")
     args = p.parse_args()
     if args.cmd == "pack":
-        pack(args.ckpt, args.out, args.max_mb)
+        pack(args.ckpt, args.out, args.max_mb, args.matrices)
     else:
         unpack(args.dir, args.out, args.processor, args.vision_offset_from)
 

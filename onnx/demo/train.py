@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -463,9 +464,11 @@ def sincos_2d(grid: int, dim: int, scale: float) -> torch.Tensor:
 TRAINING_HEADS = ("aux", "box", "readout", "head_readout", "phrase_readout", "attn_readout")
 
 
-RESHAPABLE = ("num_key_value_heads", "num_hidden_layers")  # what --kv-heads / --layers change, function-preserving
-# the decoder's size: RESHAPABLE + what only a run from scratch picks (--hidden, --heads, --intermediate)
-SHAPE = RESHAPABLE + ("hidden_size", "num_attention_heads", "intermediate_size")
+# the decoder's size; every entry can grow from an --init checkpoint without changing its function: key-value heads
+# and layers in load_weights (widen_kv, deepen), the width, heads and MLP width in widen (with the key-value heads)
+RESHAPABLE = ("num_key_value_heads", "num_hidden_layers")
+WIDENABLE = ("hidden_size", "num_attention_heads", "intermediate_size")
+SHAPE = RESHAPABLE + WIDENABLE
 
 
 def shape_of(s: dict) -> dict:
@@ -507,6 +510,133 @@ def deepen(sd: dict, fresh: dict, n_from: int, n_to: int) -> dict:
             w.zero_()
         out[k] = w
     return out
+
+
+def widen(s: dict, want: dict, std: float, seed: int) -> dict:
+    """Checkpoint `s` (projector, decoder, training-only heads) grown to the decoder SHAPE `want` (hidden size,
+    attention heads, key-value heads, MLP width; the layers stay: deepen() adds those) computing the same function.
+
+    The residual stream keeps its old coordinates and gains new ones that start at zero: every weight that writes
+    into the stream (the embedding table, the projector's output, o_proj, down_proj) gets zero rows there, and every
+    weight that reads (q/k/v, gate/up, the projector's hidden units, the new heads and MLP units) gets new rows and
+    columns drawn N(0, `std`), which multiply zeros at first, so gradients reach both sides from the first step (the
+    zero-writer / random-reader split of LoRA's B = 0, A random). RMSNorm divides by the root mean square over all
+    coordinates, sqrt(old / new) of the old one, so the norms' old weights shrink by that factor (exact but for the
+    norm's epsilon, which now weighs D / d times more against the mean square: y -> 384 wide moves its answer logits
+    by 0.028 of 58.9); their new weights start at the old ones' mean. New query heads append; key-value head j of the result copies the old key-value head its old query heads
+    read (Llama's repeat_kv grouping), or is new. The head dimension must stay (RoPE is built on it). The tied
+    table's new columns are zero, so the logits do not change. The training-only heads read hidden states: their new
+    input columns are zero."""
+    have = shape_of(s)
+    d, D = have["hidden_size"], want["hidden_size"]
+    h0, h1 = have["num_attention_heads"], want["num_attention_heads"]
+    kv0, kv1 = have["num_key_value_heads"], want["num_key_value_heads"]
+    i0, i1 = have["intermediate_size"], want["intermediate_size"]
+    hd = d // h0
+    if D < d or h1 < h0 or i1 < i0 or kv1 < kv0:
+        raise SystemExit(f"decoder {d} wide, {h0} heads, {kv0} key-value heads, MLP {i0} -> {D}, {h1}, {kv1}, {i1}: a "
+                         f"trained decoder can only grow")
+    if D != h1 * hd:
+        raise SystemExit(f"--hidden {D} / --heads {h1}: head dimension {D / h1:g}, the checkpoint's is {hd} (RoPE "
+                         f"is built on it; grow the heads with the width)")
+    if h1 % kv1:
+        raise SystemExit(f"--heads {h1} / --kv-heads {kv1}: the heads must be a multiple of the key-value heads")
+    g = torch.Generator().manual_seed(seed)
+
+    def grown(w: torch.Tensor, shape: tuple[int, ...], fill: str) -> torch.Tensor:
+        """`w` in the top-left corner of a tensor of `shape` filled with zeros or N(0, std)."""
+        out = torch.zeros(shape) if fill == "zero" else torch.randn(shape, generator=g) * std
+        out[tuple(slice(0, n) for n in w.shape)] = w
+        return out
+
+    def writer(w: torch.Tensor, cols: int) -> torch.Tensor:  # rows: residual coordinates; new rows and columns zero
+        return grown(w, (D, cols), "zero")
+
+    def reader(w: torch.Tensor, rows: int) -> torch.Tensor:  # columns: residual coordinates
+        return grown(w, (rows, D), "random")
+
+    def norm(w: torch.Tensor) -> torch.Tensor:
+        w = w * math.sqrt(d / D)
+        return torch.cat([w, w.mean().expand(D - d)])
+
+    # key-value head j of the result: the old one its old query heads read, or None (only new query heads read it)
+    kv_src = []
+    for j in range(kv1):
+        olds = {h // (h0 // kv0) for h in range(h0) if h // (h1 // kv1) == j}
+        if len(olds) > 1:
+            raise SystemExit(f"{h0} heads / {kv0} key-value heads -> {h1} / {kv1}: query heads that read different "
+                             f"key-value heads would share one (pick --kv-heads so that each old group stays within a "
+                             f"new one)")
+        kv_src.append(olds.pop() if olds else None)
+
+    def kv_rows(w: torch.Tensor) -> torch.Tensor:
+        old = w.view(kv0, hd, d)
+        fresh = reader(torch.zeros(0, d), kv1 * hd).view(kv1, hd, D)
+        for j, c in enumerate(kv_src):
+            if c is not None:
+                fresh[j, :, :d] = old[c]
+        return fresh.reshape(kv1 * hd, D)
+
+    lm = {}
+    for k, w in s["language_model"].items():
+        w = w.float()
+        if k in ("model.embed_tokens.weight", "lm_head.weight"):
+            lm[k] = grown(w, (w.shape[0], D), "zero")
+        elif k.endswith("norm.weight"):
+            lm[k] = norm(w)
+        elif k.endswith("self_attn.q_proj.weight"):
+            lm[k] = reader(w, h1 * hd)
+        elif k.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            lm[k] = kv_rows(w)
+        elif k.endswith("self_attn.o_proj.weight"):
+            lm[k] = writer(w, h1 * hd)
+        elif k.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+            lm[k] = reader(w, i1)
+        elif k.endswith("mlp.down_proj.weight"):
+            lm[k] = writer(w, i1)
+        elif k.endswith("rotary_emb.inv_freq"):
+            lm[k] = w
+        else:
+            raise SystemExit(f"widen: no rule for decoder tensor {k} {tuple(w.shape)}")
+    lm["lm_head.weight"] = lm["model.embed_tokens.weight"]
+    p = {k: v.float() for k, v in s["projector"].items()}
+    proj = {"linear_1.weight": grown(p["linear_1.weight"], (D, p["linear_1.weight"].shape[1]), "random"),
+            "linear_1.bias": grown(p["linear_1.bias"], (D,), "zero"),
+            "linear_2.weight": grown(p["linear_2.weight"], (D, D), "zero"),
+            "linear_2.bias": grown(p["linear_2.bias"], (D,), "zero")}
+    if set(proj) != set(p):
+        raise SystemExit(f"widen: projector tensors {sorted(p)}, expected {sorted(proj)}")
+    out = dict(s, language_model=lm, projector=proj)
+    for key in TRAINING_HEADS:  # Linear(hidden, n) each (ModuleDicts of them): zero input columns
+        if s.get(key) is not None:
+            bad = [k for k, v in s[key].items() if v.ndim == 2 and v.shape[1] != d]
+            if bad:
+                raise SystemExit(f"widen: training-only head {key} tensors {bad} do not read {d}-wide states")
+            out[key] = {k: grown(v.float(), (v.shape[0], D), "zero") if v.ndim == 2 else v.float()
+                        for k, v in s[key].items()}
+    cfg = copy.deepcopy(s.get("config", {}))
+    cfg.setdefault("text_config", {}).update(hidden_size=D, num_attention_heads=h1, num_key_value_heads=kv1,
+                                             intermediate_size=i1, head_dim=hd)
+    out["config"] = cfg
+    return out
+
+
+def check_widened(narrow: dict, proj, lm, vision_pos, processor, prefix_ids, image_mask, batch) -> None:
+    """Stops unless the widened decoder `proj` + `lm` gives checkpoint `narrow`'s answer logits on `batch` (host
+    batch; the widened model on torch's default device) to 2e-3 of their range."""
+    _, proj0, lm0 = build(processor, **shape_of(narrow))
+    load_weights(narrow, proj0, lm0)
+    vpos0 = narrow.get("vision_pos")
+    b = to_device(batch)
+    with torch.no_grad():
+        ref, *_ = forward(proj0.to(torch.get_default_device()), lm0.to(torch.get_default_device()), prefix_ids,
+                          image_mask, b, vision_pos=None if vpos0 is None else vpos0.to(torch.get_default_device()))
+        got, *_ = forward(proj, lm, prefix_ids, image_mask, b, vision_pos=vision_pos)
+    err, span = (got - ref).abs().max().item(), (ref.max() - ref.min()).item()
+    print(f"[widen] answer logits of {ref.shape[0]} positions, widened vs the checkpoint: max abs diff {err:.3g} "
+          f"(range {span:.3g})")
+    if not err <= 2e-3 * span:  # RMSNorm epsilon: y -> 384 wide moves them by 0.028 of 58.9
+        raise SystemExit("widen changed the decoder's function: see [widen] above")
 
 
 def load_weights(s: dict, proj, lm, aux=None) -> None:
@@ -685,11 +815,19 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int,
                    help="decoder layers (default: the --init / --resume checkpoint's, else demo_common.TEXT_CONFIG's); "
                         "more than --init's appends layers that start as identities (deepen)")
-    p.add_argument("--hidden", type=int, help="decoder width of a run from scratch (default TEXT_CONFIG's)")
-    p.add_argument("--heads", type=int, help="attention heads of a run from scratch (default TEXT_CONFIG's)")
-    p.add_argument("--intermediate", type=int, help="MLP width of a run from scratch (default TEXT_CONFIG's)")
+    p.add_argument("--hidden", type=int,
+                   help="decoder width (default: the --init / --resume checkpoint's, else TEXT_CONFIG's); wider than "
+                        "--init's grows it without changing its function (widen; give --heads for the same head "
+                        "dimension)")
+    p.add_argument("--heads", type=int, help="attention heads (default as --hidden; more than --init's: widen)")
+    p.add_argument("--intermediate", type=int, help="MLP width (default as --hidden; more than --init's: widen)")
     p.add_argument("--device", default="cpu",
                    help="torch device to train on (cuda: one GPU, TF32 matmuls; the data stays in host memory)")
+    p.add_argument("--vision-pos-in-features", action="store_true",
+                   help="with --init: the features were made by a tower that already adds the checkpoint's vision "
+                        "position table (gpu_train.sh's features come from the shipped vision.int8.onnx, which bakes "
+                        "in the shipped model's table), so the run drops the checkpoint's table instead of adding it "
+                        "twice; pack_checkpoint.py unpack --vision-offset-from gives it back to the result")
     p.add_argument("--init-aux", action="store_true",
                    help="with --init, also take the training-only heads (patch, box, VQA, head-noun and phrase "
                         "readouts) from the checkpoint where it has them, instead of starting them afresh (a checkpoint "
@@ -804,8 +942,9 @@ def main(argv=None) -> None:
     p.add_argument("--limit-images", type=int, help="use only the first N images (smoke tests)")
     p.add_argument("--check", action="store_true", help="verify shared-prefix == full-sequence logits, then exit")
     args = p.parse_args(argv)
-    if args.init_aux and not args.init:
-        p.error("--init-aux goes with --init (a --resume run takes every head from its own checkpoint)")
+    if (args.init_aux or args.vision_pos_in_features) and not args.init:
+        p.error("--init-aux and --vision-pos-in-features go with --init (a --resume run takes everything from its own "
+                "checkpoint)")
     torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -821,11 +960,13 @@ def main(argv=None) -> None:
     item_w = data.item_weights(args.item_weight) if args.item_weight else None
     if item_w is not None:
         print(f"[data] --item-weight: {int((item_w != 1).sum())} items reweighted, mean weight {item_w.mean():.3f}")
-    src = None
+    src, narrow = None, None  # narrow: the --init checkpoint before widen, for the check below
     if args.resume and ckpt.exists():
         src = torch.load(ckpt, weights_only=False)
     elif args.init and not args.resume:
         src = torch.load(args.init, weights_only=False)
+        if args.vision_pos_in_features:
+            src["vision_pos"] = None
     asked = {"num_key_value_heads": ("--kv-heads", args.kv_heads), "num_hidden_layers": ("--layers", args.layers),
              "hidden_size": ("--hidden", args.hidden), "num_attention_heads": ("--heads", args.heads),
              "intermediate_size": ("--intermediate", args.intermediate)}
@@ -835,11 +976,16 @@ def main(argv=None) -> None:
         for k, (flag, want) in asked.items():
             if args.resume and want and want != have[k]:
                 raise SystemExit(f"{flag} {want}: {ckpt} has {have[k]} (a resumed run keeps its shape)")
-            if not args.resume and want and want != have[k] and k not in RESHAPABLE:
-                raise SystemExit(f"{flag} {want}: --init {args.init} has {have[k]}, and only --kv-heads / --layers "
-                                 f"can grow a trained decoder without changing its function")
             if args.resume or not want:
                 shape[k] = have[k]
+        if not args.resume and any(shape[k] != have[k] for k in WIDENABLE):
+            narrow = src
+            # grown here, not in load_weights: the training-only heads and the projector grow with the width
+            src = widen(src, shape, dc.TEXT_CONFIG["initializer_range"], args.seed)
+            print(f"[init] {args.init} widened from {have['hidden_size']} x {have['num_attention_heads']} heads "
+                  f"({have['num_key_value_heads']} key-value), MLP {have['intermediate_size']} to "
+                  f"{shape['hidden_size']} x {shape['num_attention_heads']} ({shape['num_key_value_heads']}), "
+                  f"MLP {shape['intermediate_size']}, computing the same function (widen)")
     hidden, heads = shape["hidden_size"] or dc.TEXT_CONFIG["hidden_size"], shape["num_attention_heads"] or \
         dc.TEXT_CONFIG["num_attention_heads"]
     kv = shape["num_key_value_heads"] or dc.TEXT_CONFIG["num_key_value_heads"]
@@ -1030,6 +1176,9 @@ def main(argv=None) -> None:
             load_weights(s, proj, lm)  # the aux heads start fresh
         print(f"[init] weights from {args.init} (step {s['state']['step']}, {s['state']['samples']} samples); "
               f"new optimiser and schedule; training-only heads taken: {', '.join(taken) or 'none'}")
+        if narrow is not None:
+            check_widened(narrow, proj, lm, vision_pos, processor, prefix_ids, image_mask,
+                          data.batch(list(range(min(2, len(data.images)))), pad_id)[0])
     if st["total_steps"] is None:
         cands = []
         if args.max_steps:
