@@ -39,7 +39,8 @@ SEED=${SEED:-1000}
 VISION=models/nuwa-demo/vision.int8.onnx
 DEVICE=${DEVICE:-cuda}
 INIT=()
-if [ -e "$CARRY/init/meta.json" ]; then
+FROM_INIT=$([ -e "$CARRY/init/meta.json" ] && echo 1)
+if [ -n "$FROM_INIT" ]; then
   # a trained decoder grown to 384 wide: MLP 1024 (the shipped y's) keeps the int8 export under 60 MB (1536: 61.1),
   # and a gentler schedule than from random weights (10 steps at up to 3e-4 with no warm-up cost y 41 of its 459
   # held-out answers, widened or not; the warm-up below starts at 6e-6)
@@ -69,7 +70,7 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO GPU', '| tra
 '| onnxruntime', onnxruntime.__version__, '| numpy', numpy.__version__, '| pillow', PIL.__version__)" \
   || fail "python environment"
 echo "[gpu_train] $(nproc --all) CPUs, $WORKERS workers x $IMAGES scenes, budget ${BUDGET}s"
-if [ -e "$CARRY/init/meta.json" ]; then
+if [ -n "$FROM_INIT" ]; then
   # the features come from the shipped tower, which adds the shipped model's vision position table: the checkpoint's
   # own table is dropped (--vision-pos-in-features) and unpack --vision-offset-from gives it back to the result
   "$PY" onnx/demo/pack_checkpoint.py unpack --dir "$CARRY/init" --out "$WORK/init" --processor "$CARRY/processor" \

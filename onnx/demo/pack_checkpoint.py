@@ -58,6 +58,11 @@ def rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
 
 
+def from_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 matrix of rows_int8's rows and scales."""
+    return q.float() * scale[:, None]
+
+
 def pack(ckpt: Path, out: Path, max_mb: float, matrices: str = "bf16") -> None:
     from safetensors.torch import save_file
 
@@ -134,7 +139,7 @@ def unpack(src: Path, out: Path, processor: Path | None, vision: Path | None) ->
         for name in meta["files"]:
             t = load_file(str(src / name))
             if name.startswith("embed-"):
-                parts.append(t["q"].float() * t["scale"][:, None])
+                parts.append(from_int8(t["q"], t["scale"]))
             else:
                 flat.update(t)
     except (OSError, ValueError, KeyError) as e:
@@ -146,7 +151,7 @@ def unpack(src: Path, out: Path, processor: Path | None, vision: Path | None) ->
         name = k[:-len(Q)]
         if name + SCALE not in flat:
             raise SystemExit(f"{src}: {k} without its {name + SCALE}")
-        flat[name] = flat.pop(k).float() * flat.pop(name + SCALE)[:, None]
+        flat[name] = from_int8(flat.pop(k), flat.pop(name + SCALE))
     s: dict = {g: None for g in GROUPS}
     for k, t in flat.items():
         g, _, rest = k.partition(".")
@@ -192,7 +197,7 @@ def main() -> None:
     a.add_argument("--matrices", choices=["bf16", "int8"], default="bf16",
                    help="the matrices other than the embedding table: bfloat16, or int8 rows + a scale each (half "
                         "the size; for a checkpoint read back from an int8 model, whose weights are int8 anyway: "
-                        "gpu_carry.sh's --init carry)")
+                        "gpu_carry.sh make CKPT)")
     b = sub.add_parser("unpack")
     b.add_argument("--dir", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)

@@ -464,10 +464,10 @@ def sincos_2d(grid: int, dim: int, scale: float) -> torch.Tensor:
 TRAINING_HEADS = ("aux", "box", "readout", "head_readout", "phrase_readout", "attn_readout")
 
 
-# the decoder's size; every entry can grow from an --init checkpoint without changing its function: key-value heads
-# and layers in load_weights (widen_kv, deepen), the width, heads and MLP width in widen (with the key-value heads)
-RESHAPABLE = ("num_key_value_heads", "num_hidden_layers")
-WIDENABLE = ("hidden_size", "num_attention_heads", "intermediate_size")
+# the decoder's size; every entry can grow from an --init checkpoint without changing its function: the layers in
+# load_weights (deepen), the rest in widen
+RESHAPABLE = ("num_hidden_layers",)
+WIDENABLE = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 SHAPE = RESHAPABLE + WIDENABLE
 
 
@@ -476,20 +476,6 @@ def shape_of(s: dict) -> dict:
     have TEXT_CONFIG's)."""
     saved = s.get("config", {}).get("text_config", {})
     return {k: saved.get(k, dc.TEXT_CONFIG[k]) for k in SHAPE}
-
-
-def widen_kv(sd: dict, kv_from: int, kv_to: int, head_dim: int) -> dict:
-    """Decoder state dict `sd` with `kv_from` key-value heads -> the same function with `kv_to` (a multiple): each
-    k_proj / v_proj head is repeated for the query heads that shared it (Llama's repeat_kv order: query head h reads
-    key-value head h // (num_heads / kv_heads)), so every query head gets values of its own to specialise."""
-    if kv_to % kv_from:
-        raise SystemExit(f"key-value heads {kv_from} -> {kv_to}: not a multiple")
-    r = kv_to // kv_from
-    out = dict(sd)
-    for k, w in sd.items():
-        if k.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
-            out[k] = w.view(kv_from, head_dim, -1).repeat_interleave(r, 0).reshape(kv_to * head_dim, -1).clone()
-    return out
 
 
 def deepen(sd: dict, fresh: dict, n_from: int, n_to: int) -> dict:
@@ -571,7 +557,7 @@ def widen(s: dict, want: dict, std: float, seed: int) -> dict:
 
     def kv_rows(w: torch.Tensor) -> torch.Tensor:
         old = w.view(kv0, hd, d)
-        fresh = reader(torch.zeros(0, d), kv1 * hd).view(kv1, hd, D)
+        fresh = (torch.randn((kv1 * hd, D), generator=g) * std).view(kv1, hd, D)
         for j, c in enumerate(kv_src):
             if c is not None:
                 fresh[j, :, :d] = old[c]
@@ -641,12 +627,9 @@ def check_widened(narrow: dict, proj, lm, vision_pos, processor, prefix_ids, ima
 
 def load_weights(s: dict, proj, lm, aux=None) -> None:
     """Projector, decoder (lm_head re-tied) and, when given and saved, the aux head of checkpoint `s`; a decoder
-    with more key-value heads (widen_kv) or more layers (deepen) than `s` starts as `s`'s function."""
+    with more layers than `s` starts as `s`'s function (deepen; a wider one is widen's, before this)."""
     proj.load_state_dict(s["projector"])
     sd, have = s["language_model"], shape_of(s)
-    if lm.config.num_key_value_heads != have["num_key_value_heads"]:
-        sd = widen_kv(sd, have["num_key_value_heads"], lm.config.num_key_value_heads,
-                      lm.config.hidden_size // lm.config.num_attention_heads)
     if lm.config.num_hidden_layers != have["num_hidden_layers"]:
         sd = deepen(sd, lm.state_dict(), have["num_hidden_layers"], lm.config.num_hidden_layers)
     lm.load_state_dict(sd)
@@ -810,8 +793,8 @@ def main(argv=None) -> None:
     p.add_argument("--init", type=Path, help="start from the weights of this checkpoint (new optimiser / schedule)")
     p.add_argument("--kv-heads", type=int,
                    help="key-value heads of the decoder (default: the --init / --resume checkpoint's, else "
-                        "demo_common.TEXT_CONFIG's); more than --init's widens it without changing its function "
-                        "(widen_kv)")
+                        "demo_common.TEXT_CONFIG's); more than --init's grows it without changing its function "
+                        "(widen: each old key-value head repeated for the query heads that shared it)")
     p.add_argument("--layers", type=int,
                    help="decoder layers (default: the --init / --resume checkpoint's, else demo_common.TEXT_CONFIG's); "
                         "more than --init's appends layers that start as identities (deepen)")
