@@ -81,7 +81,7 @@ compact_json(Path('../.dev/processor/tokenizer.json'))") || fail "compacting the
     echo "[gpu_carry] unparked; models/ and data/ match HEAD"
     ;;
   *)
-    sed -n 2,14p "$0" | sed 's/^# \{0,1\}//'
+    sed -n 2,13p "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac
