@@ -330,6 +330,9 @@ fn retention_arithmetic() {
     assert_eq!(retention(Some(0.0), Some(0.0)), None, "0/0: null, not NaN");
     assert_eq!(retention(None, Some(0.5)), None);
     assert_eq!(retention(Some(0.5), None), None);
+    // the unpruned row against itself: 100 exactly, not 99.99999999999999 (what 100 * a / a gives for 434 / 587)
+    let a = 434.0 / 587.0;
+    assert_eq!(retention(Some(a), Some(a)), Some(100.0));
     assert_eq!(retention(Some(f64::NAN), Some(0.5)), None);
 }
 

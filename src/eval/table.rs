@@ -68,10 +68,11 @@ fn ratio(num: usize, den: usize) -> Option<f64> {
     (den > 0).then(|| num as f64 / den as f64)
 }
 
-/// `acc / acc_none` in %; None when either is unknown or the unpruned accuracy is 0 (never NaN or infinite).
+/// `acc / acc_none` in %; None when either is unknown or the unpruned accuracy is 0 (never NaN or infinite). The
+/// quotient comes first so that equal accuracies give exactly 100 (`100 * a / a` can land one ulp below it).
 pub fn retention(acc: Option<f64>, acc_none: Option<f64>) -> Option<f64> {
     match (acc, acc_none) {
-        (Some(a), Some(n)) if n > 0.0 && a.is_finite() && n.is_finite() => Some(100.0 * a / n),
+        (Some(a), Some(n)) if n > 0.0 && a.is_finite() && n.is_finite() => Some(a / n * 100.0),
         _ => None,
     }
 }
