@@ -7,13 +7,15 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    ///
+    /// The OS error is part of the message and deliberately not exposed as `source()`, so error chains (`{:#}` in
+    /// anyhow, the FFI's last-error text) do not print it twice.
+    #[error("{path}: {error}")]
     Io {
         /// The file involved.
         path: PathBuf,
         /// The OS error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The manifest is malformed or disagrees with a model file.
     #[error("manifest {path}: {message}")]
@@ -77,7 +79,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// Wraps an I/O error with the path it concerns.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
+        Error::Io { path: path.into(), error }
     }
 }

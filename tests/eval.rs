@@ -218,8 +218,18 @@ fn the_committed_data_is_counted_line_by_line() {
     let d = Dataset::load(mini(), Some(3)).expect("load");
     assert_eq!(d.items.len() + d.unreadable.len(), 3);
     assert_eq!(d.unreadable.iter().map(|u| u.line).collect::<Vec<_>>(), [3]);
-    let d = Dataset::load(mini(), Some(0)).expect("load");
-    assert!(d.items.is_empty() && d.unreadable.is_empty());
+    let e = Dataset::load(mini(), Some(0)).expect_err("limit 0");
+    assert!(e.to_string().contains("limit of 0"), "{e}");
+}
+
+#[test]
+fn a_file_without_items_is_an_error_not_an_empty_table() {
+    for (name, bytes) in [("empty.jsonl", &b""[..]), ("blank.jsonl", &b"\n  \r\n\t\n"[..])] {
+        let path = tmp(name);
+        std::fs::write(&path, bytes).expect("write");
+        let e = Dataset::load(&path, None).expect_err(name).to_string();
+        assert!(e.contains(name) && e.contains("no items"), "{e}");
+    }
 }
 
 #[test]
@@ -238,6 +248,9 @@ fn invalid_utf8_crlf_and_a_missing_file() {
     assert!(d.unreadable[0].reason.contains("UTF-8"));
     let e = Dataset::load(tmp("absent.jsonl"), None).expect_err("missing file");
     assert!(e.to_string().contains("absent.jsonl"), "{e}");
+    // The OS error is in the message once and not repeated as a source (anyhow's "{:#}" prints both).
+    let chain = format!("{:#}", anyhow::Error::new(e));
+    assert_eq!(chain.matches("os error").count(), 1, "{chain}");
 }
 
 // ---------------------------------------------------------------- sweep and table
@@ -536,4 +549,19 @@ fn eval_rejects_bad_settings_before_running() {
     let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--max-tokens", "0"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("max-tokens"), "{}", stderr(&o));
+}
+
+#[test]
+fn eval_that_scores_nothing_fails_after_listing_why() {
+    let path = tmp("all-bad.jsonl");
+    std::fs::write(&path, "{\"image\": \"nope.jpg\", \"kind\": \"vqa\", \"prompt\": \"q\", \"answer\": \"yes\"}\nnot json\n").expect("write");
+    let data = path.to_str().expect("path");
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--max-tokens", "2", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("line 1: image") && err.contains("line 2: malformed JSON"), "{err}");
+    assert!(err.contains("no item of") && err.contains("all-bad.jsonl"), "{err}");
+    // The summary still reaches stdout, with nothing invented for the missing numbers.
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!((v["unreadable"].as_u64(), v["mean_ttft_ms"].is_null(), v["grounding_acc"].is_null()), (Some(2), true, true));
 }

@@ -472,10 +472,10 @@ fn eval(a: EvalArgs) -> Result<()> {
             let s = eval::Summary::of(run);
             let acc = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.3}"));
             progress.println(&format!(
-                "nuwa eval: {label}: grounding {} vqa {} ttft {:.1} ms",
+                "nuwa eval: {label}: grounding {} vqa {} ttft {}",
                 acc(s.grounding_acc),
                 acc(s.vqa_acc),
-                s.mean_ttft_ms.unwrap_or(0.0)
+                s.mean_ttft_ms.map_or("n/a".to_string(), |t| format!("{t:.1} ms"))
             ));
         }
     }
@@ -495,20 +495,24 @@ fn eval(a: EvalArgs) -> Result<()> {
         (None, Some(r)) => {
             let acc = |v: Option<f64>, c: usize, n: usize| v.map_or("n/a".to_string(), |x| format!("{x:.3} ({c}/{n})"));
             outln!(
-                "{} on {}: {} | grounding Acc@0.5 {} | VQA {} | mean TTFT {:.1} ms | visual tokens {:.1} -> {:.1} | unreadable {}",
+                "{} on {}: {} | grounding Acc@0.5 {} | VQA {} | mean TTFT {} | visual tokens {} -> {} | unreadable {}",
                 table.model,
                 a.data.display(),
                 r.label,
                 acc(r.grounding_acc, r.grounding_correct, r.n_grounding),
                 acc(r.vqa_acc, r.vqa_correct, r.n_vqa),
-                r.mean_ttft_ms.unwrap_or(0.0),
-                r.mean_visual_tokens_after_stage1.unwrap_or(0.0),
-                r.mean_visual_tokens_kept.unwrap_or(0.0),
+                r.mean_ttft_ms.map_or("n/a".to_string(), |t| format!("{t:.1} ms")),
+                r.mean_visual_tokens_after_stage1.map_or("n/a".to_string(), |t| format!("{t:.1}")),
+                r.mean_visual_tokens_kept.map_or("n/a".to_string(), |t| format!("{t:.1}")),
                 r.unreadable
             );
         }
         _ if a.json => outln!("{}", serde_json::to_string_pretty(&table)?),
         _ => out!("{}", table.markdown()),
+    }
+    // A run that scored nothing is a failure, not a table of n/a: say so in the exit status.
+    if table.rows.iter().all(|r| r.n_grounding + r.n_vqa == 0) {
+        anyhow::bail!("no item of {} could be scored (the unreadable lines and why are listed above)", a.data.display());
     }
     Ok(())
 }

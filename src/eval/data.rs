@@ -53,7 +53,8 @@ pub struct Dataset {
 
 impl Dataset {
     /// Reads `path`. With `limit`, only the first `limit` non-blank lines are read (usable or not). Fails only when
-    /// the file itself cannot be read; bad lines become [`Dataset::unreadable`].
+    /// the file itself cannot be read or holds no non-blank line (or `limit` is 0); bad lines become
+    /// [`Dataset::unreadable`].
     pub fn load(path: impl AsRef<Path>, limit: Option<usize>) -> Result<Dataset> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -85,6 +86,12 @@ impl Dataset {
                 Ok(item) => items.push(item),
                 Err(reason) => unreadable.push(Unreadable { line, reason }),
             }
+        }
+        if taken == 0 {
+            return Err(Error::InvalidRequest(match limit {
+                Some(0) => "a limit of 0 items reads nothing".into(),
+                _ => format!("{}: no items (the file is empty or holds only blank lines)", path.display()),
+            }));
         }
         Ok(Dataset { path: path.to_path_buf(), items, unreadable })
     }
