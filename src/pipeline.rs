@@ -155,6 +155,8 @@ pub enum FinishReason {
     MaxTokens,
     /// The model's context length was reached.
     ContextFull,
+    /// The caller ended it: [`Generation::stop`], or a [`Generation::run_to_end`] sink that returned false.
+    Stopped,
 }
 
 /// What one pull of a generation gave.
@@ -744,14 +746,25 @@ impl Generation {
         self.finished.is_some()
     }
 
-    /// Runs to the end, calling `sink` with each piece of text; `sink` returns false to stop early.
+    /// Ends the generation before it would end by itself (a pull-style caller that wants no more tokens): the
+    /// timings and KV sizes are final, [`Output::finish_reason`] says [`FinishReason::Stopped`], and further pulls
+    /// return `Finished`. Returns `Finished` with the text an incomplete character held back; on a generation that
+    /// has already ended it changes nothing and returns `Finished` with its reason and empty text.
+    pub fn stop(&mut self) -> Result<Step> {
+        match self.finished {
+            Some(reason) => Ok(Step::Finished { reason, text: String::new() }),
+            None => self.finish(FinishReason::Stopped),
+        }
+    }
+
+    /// Runs to the end, calling `sink` with each piece of text; `sink` returns false to stop early (the generation
+    /// then ends as by [`Generation::stop`]).
     pub fn run_to_end(&mut self, mut sink: impl FnMut(&str) -> bool) -> Result<()> {
         loop {
             match self.step()? {
                 Step::Token { text, .. } => {
                     if !text.is_empty() && !sink(&text) {
-                        self.finished.get_or_insert(FinishReason::MaxTokens);
-                        self.flush_stats();
+                        self.stop()?;
                         return Ok(());
                     }
                 }

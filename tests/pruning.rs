@@ -323,3 +323,46 @@ fn fastv_prunes_at_its_early_cut_and_nuwa_at_the_split() {
     assert_eq!(s.kv_bytes_head, 3 * full * row);
     assert_eq!(s.kv_bytes_tail, (full - dropped2) * row);
 }
+
+#[test]
+fn a_caller_that_stops_early_is_told_stopped_not_max_tokens() {
+    use nuwa::pipeline::{FinishReason, Step};
+    let m = model("tiny-llava-clip");
+    let req = |max_new_tokens| Request {
+        image: image(),
+        prompt: "Describe the image.".into(),
+        params: GenerationParams { max_new_tokens, ..Default::default() },
+    };
+    let mut full = m.generate(&req(8)).expect("generate");
+    full.run_to_end(|_| true).expect("decode");
+    let full = full.output();
+    assert!(full.tokens.len() >= 3, "the fixture should generate a few tokens: {:?}", full.finish_reason);
+
+    // Pull two tokens, then stop.
+    let mut g = m.generate(&req(8)).expect("generate");
+    for _ in 0..2 {
+        assert!(matches!(g.step().expect("step"), Step::Token { .. }));
+    }
+    assert!(matches!(g.stop().expect("stop"), Step::Finished { reason: FinishReason::Stopped, .. }));
+    assert!(g.is_finished());
+    assert_eq!(g.step().expect("step"), Step::Finished { reason: FinishReason::Stopped, text: String::new() });
+    let out = g.output();
+    assert_eq!(out.finish_reason, Some(FinishReason::Stopped));
+    assert_eq!(out.tokens, full.tokens[..2]);
+    assert_eq!(out.stats.generated_tokens, 2, "stats are final");
+
+    // A sink that refuses the first piece of text.
+    let mut g = m.generate(&req(8)).expect("generate");
+    g.run_to_end(|_| false).expect("decode");
+    let out = g.output();
+    assert_eq!(out.finish_reason, Some(FinishReason::Stopped));
+    assert!(out.tokens.len() < full.tokens.len() && full.tokens.starts_with(&out.tokens));
+
+    // Stopping a generation that already ended keeps its reason.
+    let mut g = m.generate(&req(1)).expect("generate");
+    g.run_to_end(|_| true).expect("decode");
+    let before = g.output().finish_reason;
+    assert!(before.is_some());
+    assert_eq!(g.stop().expect("stop"), Step::Finished { reason: before.unwrap(), text: String::new() });
+    assert_eq!(g.output().finish_reason, before);
+}
