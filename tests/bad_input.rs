@@ -259,6 +259,21 @@ fn good_input_still_works() {
 }
 
 #[test]
+fn a_visualisation_path_that_cannot_be_written_fails_before_generating() {
+    let dir = scratch("viz");
+    let bad = dir.join("kept.txt");
+    let out = nuwa(&["run", "--model", fixture().to_str().expect("utf8"), "--image", example_image().to_str().expect("utf8"), "--prompt", "Describe the image.", "--max-tokens", "3", "--viz", bad.to_str().expect("utf8")]);
+    assert_fails(&out, &["--viz", "kept.txt", ".png"]);
+    assert!(out.stdout.is_empty(), "nothing generated: {}", String::from_utf8_lossy(&out.stdout));
+    // A directory that does not exist yet is created, as --dump and --predictions do.
+    let nested = dir.join("a/b/kept.PNG");
+    let out = nuwa(&["run", "--model", fixture().to_str().expect("utf8"), "--image", example_image().to_str().expect("utf8"), "--prompt", "Describe the image.", "--max-tokens", "3", "--viz", nested.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let png = std::fs::read(&nested).expect("visualisation written");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+}
+
+#[test]
 fn a_file_that_is_not_onnxruntime_is_explained() {
     let dir = scratch("fake-ort");
     let fake = dir.join("libonnxruntime.so");

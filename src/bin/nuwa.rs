@@ -257,6 +257,13 @@ fn run(a: RunArgs) -> Result<()> {
     if !a.image.is_file() {
         anyhow::bail!("image {} does not exist or is not a file", a.image.display());
     }
+    // An output the run could not write should fail now, not after the generation.
+    if let Some(v) = &a.viz {
+        let ext = v.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+        if !matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg")) {
+            anyhow::bail!("--viz {}: the file name must end in .png, .jpg or .jpeg", v.display());
+        }
+    }
     let prune = a.prune.config(a.seed);
     let model = a.model.load()?;
     let m = model.manifest();
@@ -340,6 +347,9 @@ fn write_artifacts(a: &RunArgs, model: &Model, generation: &nuwa::pipeline::Gene
         eprintln!("nuwa: wrote the request's tensors to {}", dir.display());
     }
     if let Some(path) = &a.viz {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating the directory of --viz {}", path.display()))?;
+        }
         let bytes = std::fs::read(&a.image).with_context(|| format!("reading {}", a.image.display()))?;
         let original = nuwa::image::decode_image(&bytes, &nuwa::image::ImageLimits::default())?;
         nuwa::viz::render(&original, &out.resize, trace, model.manifest().vision.patch_size, &out.boxes, path)?;
