@@ -10,7 +10,7 @@ use std::process::{Command, Output as ProcessOutput};
 
 use nuwa::eval::progress::{format_duration, render};
 use nuwa::eval::{
-    data::parse_line, iou, kept_share, label, metrics::vqa_correct, normalize_answer, parse_sweep, retention, score, Dataset,
+    check_box_in_image, data::parse_line, iou, kept_share, label, metrics::vqa_correct, normalize_answer, parse_sweep, retention, score, Dataset,
     Expected, ItemResult, RunResult, Score, Summary, Table, Unreadable, DEFAULT_SWEEP, target_cells,
 };
 use nuwa::prune::{Amount, Method, PositionPolicy, PruneConfig, METHOD_NAMES};
@@ -549,6 +549,38 @@ fn eval_rejects_bad_settings_before_running() {
     let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--max-tokens", "0"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("max-tokens"), "{}", stderr(&o));
+}
+
+#[test]
+fn expected_boxes_must_lie_in_their_image() {
+    assert!(check_box_in_image([0.0, 0.0, 640.0, 426.0], 640, 426).is_ok());
+    assert!(check_box_in_image([-0.5, 10.0, 640.9, 426.5], 640, 426).is_ok(), "rounding at the edge is tolerated");
+    assert!(check_box_in_image([10.0, 10.0, 11.0, 11.0], 640, 426).is_ok());
+    for (b, needle) in [
+        ([0.1, 0.2, 0.5, 0.6], "not normalised"),
+        ([10.0, 10.0, 10.5, 40.0], "under one pixel"),
+        ([10.0, 10.0, 700.0, 40.0], "outside the 640x426 px image"),
+        ([10.0, 10.0, 40.0, 428.0], "outside"),
+        ([-3.0, 10.0, 40.0, 40.0], "outside"),
+    ] {
+        let e = check_box_in_image(b, 640, 426).expect_err("bad box");
+        assert!(e.contains(needle), "{b:?}: {e}");
+    }
+}
+
+#[test]
+fn eval_counts_a_box_outside_its_image_as_unreadable() {
+    let path = tmp("boxes.jsonl");
+    let img = root().join("examples/coco-000000000139.jpg");
+    let img = img.to_str().expect("utf8");
+    let line = |b: &str| format!(r#"{{"image": {img:?}, "kind": "grounding", "prompt": "Please provide the bounding box coordinate of the region this sentence describes: the person.", "bbox": {b}}}"#);
+    std::fs::write(&path, [line("[340, 170, 400, 265]"), line("[0.85, 0.64, 1.0, 0.99]"), line("[340, 170, 4200, 265]")].join("\n")).expect("write");
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", path.to_str().expect("utf8"), "--max-tokens", "2", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!((v["n_grounding"].as_u64(), v["unreadable"].as_u64()), (Some(1), Some(2)), "{v}");
+    assert_eq!(lines_of(&v["unreadable_items"]), [2, 3]);
+    assert!(stderr(&o).contains("not normalised") && stderr(&o).contains("outside the 400x266 px image"), "{}", stderr(&o));
 }
 
 #[test]

@@ -44,6 +44,28 @@ pub struct Score {
     pub normalized: Option<String>,
 }
 
+/// How far (in pixels) an expected box may reach past the image's edges, for rounding in the data.
+pub const BOX_EDGE_TOLERANCE: f64 = 1.0;
+
+/// Checks an expected box against the size of the image it refers to: it must lie inside the image (within
+/// [`BOX_EDGE_TOLERANCE`]) and be at least one pixel wide and high. A box that fails is a data error (most often
+/// normalised coordinates where pixels are expected, or the box of another image), which would otherwise score as a
+/// silent miss.
+pub fn check_box_in_image(bbox: [f64; 4], width: u32, height: u32) -> Result<(), String> {
+    let [x1, y1, x2, y2] = bbox;
+    let (w, h) = (f64::from(width), f64::from(height));
+    let t = BOX_EDGE_TOLERANCE;
+    if x2 - x1 < 1.0 || y2 - y1 < 1.0 {
+        return Err(format!(
+            "\"bbox\" {bbox:?} is under one pixel wide or high: boxes are in original-image pixels, not normalised"
+        ));
+    }
+    if x1 < -t || y1 < -t || x2 > w + t || y2 > h + t {
+        return Err(format!("\"bbox\" {bbox:?} reaches outside the {width}x{height} px image"));
+    }
+    Ok(())
+}
+
 /// The grid cells (raster indices) an object occupies: those whose centre lies inside `model_box` (model-input
 /// pixels, `[x1, y1, x2, y2]`, as [`crate::image::ResizeRecord::to_model_box`] gives), or, for a box too small to contain a
 /// cell centre, the cell under the box's centre. Empty when the box is not finite or lies outside the input.

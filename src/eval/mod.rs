@@ -3,7 +3,8 @@
 //!
 //! - Data ([`data`]): JSON Lines, `{"image", "kind": "grounding", "prompt", "bbox": [x1, y1, x2, y2]}` (original
 //!   pixels) or `{"image", "kind": "vqa", "prompt", "answer"}`; image paths relative to the file; other fields are
-//!   ignored; lines that cannot be used are counted with their line numbers, never dropped silently.
+//!   ignored; lines that cannot be used are counted with their line numbers, never dropped silently (so is a
+//!   grounding box that reaches outside its image or is under a pixel, found once the image is read).
 //! - Scoring ([`metrics`]): grounding is right when the FIRST box of the answer (mapped to original pixels by the
 //!   runtime, [`crate::Output::boxes`]) has IoU >= 0.5 with `bbox` (no box: wrong); VQA is right when the normalised
 //!   answer equals the normalised expected one (lower case, punctuation and symbols to spaces, whitespace collapsed,
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 pub use data::{Dataset, EvalItem, Unreadable};
-pub use metrics::{iou, kept_share, normalize_answer, score, target_cells, Expected, Score, IOU_THRESHOLD};
+pub use metrics::{check_box_in_image, iou, kept_share, normalize_answer, score, target_cells, Expected, Score, BOX_EDGE_TOLERANCE, IOU_THRESHOLD};
 pub use table::{retention, Summary, Table};
 
 use crate::error::{Error, Result};
@@ -188,6 +189,10 @@ pub fn evaluate_sweep(
                 prepared.as_ref().map_err(Clone::clone).and_then(|image| model.image_prefix(image, &params.prune).map_err(|e| e.to_string()));
             for item in group {
                 let outcome = prefix.as_ref().map_err(Clone::clone).and_then(|prefix| {
+                    if let (Expected::Grounding { bbox }, Ok(image)) = (&item.expected, &prepared) {
+                        let r = &image.pixels.resize;
+                        check_box_in_image(*bbox, r.original_width, r.original_height)?;
+                    }
                     run_item(model, prefix, &item.prompt, &params).map_err(|e| e.to_string())
                 });
                 match outcome {
