@@ -364,6 +364,22 @@ impl Manifest {
             ),
         )?;
         check(v.hidden_size > 0, "vision.hidden_size must be positive".into())?;
+        // What the export computed inside the graph; checked so that `nuwa info` and dumps never describe a tower
+        // that cannot exist (hidden_states has num_layers + 1 entries, attentions num_layers).
+        let (layers, states) = (v.num_layers as i64, v.num_layers as i64 + 1);
+        check(v.num_layers > 0, "vision.num_layers must be positive".into())?;
+        check(
+            (-states..states).contains(&v.feature_layer),
+            format!("vision.feature_layer {} is not a hidden_states index of a {}-layer tower", v.feature_layer, v.num_layers),
+        )?;
+        check(
+            (-layers..layers).contains(&v.metric_layer),
+            format!("vision.metric_layer {} is not an attentions index of a {}-layer tower", v.metric_layer, v.num_layers),
+        )?;
+        check(
+            (1..=states).contains(&(v.similarity_layers as i64)),
+            format!("vision.similarity_layers {} must lie in [1, {states}]", v.similarity_layers),
+        )?;
         check(
             im.std.iter().all(|s| s.is_finite() && *s != 0.0) && im.mean.iter().all(|m| m.is_finite()),
             "image.std must be finite and non-zero, image.mean finite".into(),
@@ -381,7 +397,7 @@ impl Manifest {
             format!("decoder.split_layer {} must lie in [1, {})", d.split_layer, d.num_layers),
         )?;
         check(
-            d.num_key_value_heads > 0 && d.num_attention_heads % d.num_key_value_heads == 0,
+            d.num_key_value_heads > 0 && d.num_attention_heads > 0 && d.num_attention_heads % d.num_key_value_heads == 0,
             format!(
                 "decoder.num_attention_heads {} must be a multiple of num_key_value_heads {}",
                 d.num_attention_heads, d.num_key_value_heads

@@ -179,6 +179,23 @@ fn manifest_with_wrong_vision_dimension_is_rejected() {
 }
 
 #[test]
+fn manifest_fields_that_describe_an_impossible_model_are_rejected() {
+    for (section, field, value, needle) in [
+        ("vision", "num_layers", 0i64, "vision.num_layers"),
+        ("vision", "feature_layer", -99, "vision.feature_layer -99"),
+        ("vision", "metric_layer", 4, "vision.metric_layer 4"),
+        ("vision", "similarity_layers", 0, "vision.similarity_layers 0"),
+        ("vision", "similarity_layers", 6, "vision.similarity_layers 6"),
+        ("decoder", "num_attention_heads", 0, "num_attention_heads 0"),
+    ] {
+        let dir = scratch("impossible");
+        copy_model(&dir);
+        edit_manifest(&dir, |m| m[section][field] = serde_json::json!(value));
+        assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["manifest.json", needle]);
+    }
+}
+
+#[test]
 fn manifest_with_wrong_decoder_dimension_is_rejected() {
     let dir = scratch("wrong-kv");
     copy_model(&dir);
