@@ -366,3 +366,41 @@ fn a_caller_that_stops_early_is_told_stopped_not_max_tokens() {
     assert_eq!(g.stop().expect("stop"), Step::Finished { reason: before.unwrap(), text: String::new() });
     assert_eq!(g.output().finish_reason, before);
 }
+
+#[test]
+fn a_model_serves_generations_from_several_threads_with_the_same_results() {
+    fn shareable<T: Send + Sync>() {}
+    fn movable<T: Send>() {}
+    shareable::<Model>();
+    shareable::<nuwa::pipeline::PreparedImage>();
+    shareable::<nuwa::pipeline::ImagePrefix>();
+    movable::<Generation>();
+
+    let m = model("tiny-llava-clip");
+    let settings = [PruneConfig::default(), cfg(Method::Nuwa, Amount::Keep { keep1: 40, keep2: 12 }), cfg(Method::FastV, Amount::Keep { keep1: 81, keep2: 20 })];
+    let alone: Vec<Output> = settings.iter().map(|p| run(&m, p.clone(), 10).1).collect();
+    // The same requests at once, each on its own thread, twice over; a generation started on one thread and
+    // finished on another too.
+    let together: Vec<Output> = std::thread::scope(|s| {
+        let handles: Vec<_> = settings.iter().chain(settings.iter()).map(|p| s.spawn(|| run(&m, p.clone(), 10).1)).collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    for (i, out) in together.iter().enumerate() {
+        let want = &alone[i % settings.len()];
+        assert_eq!((&out.tokens, &out.text, &out.boxes), (&want.tokens, &want.text, &want.boxes), "setting {}", i % settings.len());
+    }
+    let req = Request {
+        image: image(),
+        prompt: "Please provide the bounding box coordinate of the region this sentence describes: the person.".into(),
+        params: GenerationParams { max_new_tokens: 10, prune: settings[1].clone(), ..Default::default() },
+    };
+    let mut g = m.generate(&req).expect("generate");
+    g.step().expect("first token here");
+    let out = std::thread::spawn(move || {
+        g.run_to_end(|_| true).expect("decode there");
+        g.output()
+    })
+    .join()
+    .expect("thread");
+    assert_eq!(out.tokens, alone[1].tokens);
+}
