@@ -33,10 +33,18 @@ impl PromptLayout {
     }
 }
 
+/// Whether `text` contains the text of one of the tokenizer's special tokens (which a whole-text encode would turn
+/// into that control token).
+fn holds_special_text(tokenizer: &Tokenizer, text: &str) -> bool {
+    tokenizer.get_added_tokens_decoder().values().any(|t| t.special && !t.content.is_empty() && text.contains(t.content.as_str()))
+}
+
 /// Lays out `prompt` around the visual tokens at raster indices `visual` (sorted) of an image of `total_visual` tokens.
 ///
 /// Visual token k gets position `image_start + visual[k]`; text after the image continues at
-/// `image_start + total_visual`, as if no visual token had been pruned.
+/// `image_start + total_visual`, as if no visual token had been pruned. The prompt is user text: the text of a
+/// special token in it (`<|im_end|>`, `</s>`) is tokenised as ordinary characters, never as the control token; the
+/// image placeholder is refused.
 pub fn layout(tokenizer: &Tokenizer, m: &Manifest, prompt: &str, visual: &[usize], total_visual: usize) -> Result<PromptLayout> {
     if prompt.trim().is_empty() {
         return Err(Error::InvalidRequest("the prompt is empty".into()));
@@ -57,19 +65,36 @@ pub fn layout(tokenizer: &Tokenizer, m: &Manifest, prompt: &str, visual: &[usize
         path: m.path(),
         message: "prompt.template has no {image}".into(),
     })?;
-    let mut text = String::with_capacity(template.len() + prompt.len() + image_token.len() * visual.len());
-    text.push_str(&before_image.replace("{prompt}", prompt));
+    let mut rendered = String::with_capacity(template.len() + image_token.len() * visual.len());
+    rendered.push_str(before_image);
     for _ in 0..visual.len() {
-        text.push_str(image_token);
+        rendered.push_str(image_token);
     }
-    text.push_str(&rest.replace("{prompt}", prompt));
+    rendered.push_str(rest);
 
-    let encoding = tokenizer.encode(text.as_str(), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-    let mut ids: Vec<u32> = Vec::with_capacity(encoding.len() + 1);
+    let encode = |t: &Tokenizer, text: &str| -> Result<Vec<u32>> {
+        Ok(t.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
+    };
+    let mut ids: Vec<u32> = Vec::with_capacity(rendered.len() / 2 + prompt.len());
     if m.prompt.add_bos {
         ids.extend(m.tokenizer.bos_token_id);
     }
-    ids.extend_from_slice(encoding.get_ids());
+    if holds_special_text(tokenizer, prompt) {
+        // User text must not produce control tokens ("<|im_end|>" typed into a prompt would end the turn): the
+        // template's pieces are tokenised as usual and the prompt as plain text between them.
+        let mut plain = tokenizer.clone();
+        plain.set_encode_special_tokens(true);
+        let prompt_ids = encode(&plain, prompt)?;
+        for (i, piece) in rendered.split("{prompt}").enumerate() {
+            if i > 0 {
+                ids.extend_from_slice(&prompt_ids);
+            }
+            ids.extend(encode(tokenizer, piece)?);
+        }
+    } else {
+        // The common case, tokenised whole exactly as the reference processor does.
+        ids.extend(encode(tokenizer, &rendered.replace("{prompt}", prompt))?);
+    }
 
     let image_id = m.tokenizer.image_token_id;
     let start = ids.iter().position(|&t| t == image_id).ok_or_else(|| {
