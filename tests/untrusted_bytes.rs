@@ -91,7 +91,7 @@ proptest! {
     }
 
     #[test]
-    fn any_model_text_gives_finite_ordered_boxes(
+    fn any_model_text_gives_finite_ordered_boxes_inside_the_image(
         pieces in proptest::collection::vec(prop_oneof![
             "\\PC{0,8}",
             "\\[[0-9.]{0,5}, ?[0-9.]{0,5}, ?[0-9.]{0,5}, ?[0-9.]{0,5}\\]?",
@@ -107,6 +107,7 @@ proptest! {
             let o = b.original;
             prop_assert!(o.iter().all(|v| v.is_finite()), "{:?} from {:?}", o, text);
             prop_assert!(o[0] <= o[2] && o[1] <= o[3], "{:?} from {:?}", o, text);
+            prop_assert!(o[0] >= 0.0 && o[1] >= 0.0 && o[2] <= w as f32 && o[3] <= h as f32, "{:?} outside {}x{}", o, w, h);
         }
     }
 
