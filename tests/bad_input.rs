@@ -291,6 +291,19 @@ fn a_visualisation_path_that_cannot_be_written_fails_before_generating() {
 }
 
 #[test]
+fn sampling_options_without_a_temperature_are_refused_not_ignored() {
+    let (model, image) = (fixture(), example_image());
+    for extra in [["--top-k", "5"], ["--top-p", "0.5"]] {
+        let mut args = vec!["run", "--model", model.to_str().expect("utf8"), "--image", image.to_str().expect("utf8"), "--prompt", "Describe."];
+        args.extend(extra);
+        let out = nuwa(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains("--temperature"), "{extra:?}: {stderr}");
+    }
+}
+
+#[test]
 fn a_file_that_is_not_onnxruntime_is_explained() {
     let dir = scratch("fake-ort");
     let fake = dir.join("libonnxruntime.so");

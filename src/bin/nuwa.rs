@@ -83,11 +83,11 @@ struct RunArgs {
     /// Sampling temperature (default: greedy).
     #[arg(long)]
     temperature: Option<f32>,
-    /// Keep only the k most likely tokens when sampling.
-    #[arg(long)]
+    /// Keep only the k most likely tokens when sampling (needs --temperature; greedy decoding has no sampling).
+    #[arg(long, requires = "temperature")]
     top_k: Option<u32>,
-    /// Nucleus sampling threshold.
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling threshold (needs --temperature).
+    #[arg(long, default_value_t = 1.0, requires = "temperature")]
     top_p: f32,
     /// Sampling seed (also seeds `--prune random`).
     #[arg(long, default_value_t = 0)]
