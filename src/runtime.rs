@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use ort::environment::{Environment, GlobalThreadPoolOptions};
+#[cfg(any(feature = "cuda", feature = "coreml"))]
 use ort::ep::ExecutionProvider;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
@@ -165,6 +166,7 @@ impl Runtime {
 
     /// Execution providers this ONNX Runtime build was compiled with.
     pub fn available_providers(&self) -> Vec<Provider> {
+        #[cfg_attr(not(any(feature = "cuda", feature = "coreml")), allow(unused_mut))]
         let mut out = vec![Provider::Cpu];
         #[cfg(feature = "cuda")]
         if ort::ep::CUDA::is_available().unwrap_or(false) {
@@ -217,6 +219,16 @@ impl Runtime {
         Ok(OpenedSession { session, stage, path: path.to_path_buf(), provider: Provider::Cpu, note })
     }
 
+    /// A build with neither provider feature (a CPU-only binary) has nothing to try.
+    #[cfg(not(any(feature = "cuda", feature = "coreml")))]
+    fn try_provider(&self, options: &SessionOptions, _path: &Path) -> std::result::Result<Session, String> {
+        Err(match options.provider {
+            Provider::Cpu => "CPU needs no provider".into(),
+            _ => "nuwa was built without that provider's feature".into(),
+        })
+    }
+
+    #[cfg(any(feature = "cuda", feature = "coreml"))]
     fn try_provider(&self, options: &SessionOptions, path: &Path) -> std::result::Result<Session, String> {
         let dispatch = match options.provider {
             Provider::Cpu => return Err("CPU needs no provider".into()),
