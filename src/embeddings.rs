@@ -49,7 +49,7 @@ impl Embeddings {
                 ),
             });
         }
-        if spec.offset % spec.dtype.align() as u64 != 0 {
+        if !spec.offset.is_multiple_of(spec.dtype.align() as u64) {
             return Err(Error::ModelFile {
                 path: path.to_path_buf(),
                 message: format!("embeddings.offset {} is not aligned to the element size", spec.offset),

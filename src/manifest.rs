@@ -397,7 +397,7 @@ impl Manifest {
             format!("decoder.split_layer {} must lie in [1, {})", d.split_layer, d.num_layers),
         )?;
         check(
-            d.num_key_value_heads > 0 && d.num_attention_heads > 0 && d.num_attention_heads % d.num_key_value_heads == 0,
+            d.num_key_value_heads > 0 && d.num_attention_heads > 0 && d.num_attention_heads.is_multiple_of(d.num_key_value_heads),
             format!(
                 "decoder.num_attention_heads {} must be a multiple of num_key_value_heads {}",
                 d.num_attention_heads, d.num_key_value_heads

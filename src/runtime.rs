@@ -179,6 +179,8 @@ impl Runtime {
         out
     }
 
+    // ort's builder error carries the builder back (144 bytes); it is turned into ours at once.
+    #[allow(clippy::result_large_err)]
     fn builder(&self, options: &SessionOptions) -> Result<SessionBuilder> {
         let b = Session::builder(&self.env).map_err(|e| Error::Runtime(e.to_string()))?;
         let b = b.with_optimization_level(GraphOptimizationLevel::All).map_err(|e| Error::Runtime(e.to_string()))?;
