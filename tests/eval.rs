@@ -597,3 +597,36 @@ fn eval_that_scores_nothing_fails_after_listing_why() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!((v["unreadable"].as_u64(), v["mean_ttft_ms"].is_null(), v["grounding_acc"].is_null()), (Some(2), true, true));
 }
+
+#[test]
+fn predictions_are_written_as_items_are_scored_so_a_stopped_sweep_keeps_them() {
+    // Many quick items on the tiny fixture: long enough to stop the sweep halfway.
+    let img = root().join("examples/coco-000000000139.jpg");
+    let line = format!(r#"{{"image": {:?}, "kind": "vqa", "prompt": "Is there a person?", "answer": "yes"}}"#, img.display().to_string());
+    let data = tmp("long.jsonl");
+    std::fs::write(&data, vec![line; 4000].join("\n")).expect("write");
+    let preds = tmp("long.predictions.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nuwa"))
+        .current_dir(root())
+        .args(["eval", "--model", "models/tiny-llava-clip", "--data", data.to_str().expect("utf8"), "--max-tokens", "2", "--quiet"])
+        .args(["--sweep", "none;nuwa:k40/12", "--predictions", preds.to_str().expect("utf8")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let started = std::time::Instant::now();
+    let mut seen = 0;
+    while seen < 20 && started.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        seen = std::fs::read_to_string(&preds).map(|t| t.lines().count()).unwrap_or(0);
+    }
+    let still_running = child.try_wait().expect("wait").is_none();
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    assert!(still_running, "the sweep ended before it could be stopped; make the data longer");
+    let text = std::fs::read_to_string(&preds).expect("predictions");
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("every line is complete JSON")).collect();
+    assert!(lines.len() >= 20 && lines.len() < 8000, "{} lines", lines.len());
+    let runs: std::collections::BTreeSet<&str> = lines.iter().map(|v| v["run"].as_str().expect("run")).collect();
+    assert!(runs.iter().all(|r| ["none", "nuwa:k40/12"].contains(r)), "{runs:?}");
+}

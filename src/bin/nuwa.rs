@@ -200,7 +200,8 @@ struct EvalArgs {
     /// Print JSON (one run: its summary; a sweep: the table).
     #[arg(long)]
     json: bool,
-    /// Write every item's answer and verdict to this JSON Lines file.
+    /// Write every item's answer and verdict to this JSON Lines file, one line per item and setting (with its `run`
+    /// label) as it is scored, so a stopped sweep keeps what it did.
     #[arg(long)]
     predictions: Option<PathBuf>,
     /// No progress bar.
@@ -466,18 +467,22 @@ fn eval(a: EvalArgs) -> Result<()> {
     eval::check_settings(&model, &settings)?;
     let mut progress = Progress::new(data.items.len() * settings.len(), !a.quiet);
     progress.set_label(&if settings.len() > 1 { format!("{} settings", settings.len()) } else { eval::label(&settings[0]) });
-    let runs = eval::evaluate_sweep(&model, &data, &settings, a.max_tokens, |_, e| progress.tick(matches!(e, ItemEvent::Failed(_))))?;
-    for run in &runs {
-        let label = eval::label(&run.prune);
-        if let Some(w) = predictions.as_mut() {
-            for item in &run.items {
-                let mut v = serde_json::to_value(item)?;
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("run".into(), label.clone().into());
-                }
-                writeln!(w, "{v}").context("writing --predictions")?;
+    // Predictions are written as items are scored, so a sweep that is stopped keeps what it has done.
+    let labels: Vec<String> = settings.iter().map(eval::label).collect();
+    let mut write_error = None;
+    let runs = eval::evaluate_sweep(&model, &data, &settings, a.max_tokens, |i, e| {
+        progress.tick(matches!(e, ItemEvent::Failed(_)));
+        if let (Some(w), ItemEvent::Scored(item), None) = (predictions.as_mut(), &e, &write_error) {
+            if let Err(err) = write_prediction(w, item, &labels[i]) {
+                write_error = Some(err);
             }
         }
+    })?;
+    if let (Some(e), Some(p)) = (write_error, &a.predictions) {
+        return Err(e.context(format!("writing --predictions {}", p.display())));
+    }
+    for run in &runs {
+        let label = eval::label(&run.prune);
         if settings.len() > 1 {
             let s = eval::Summary::of(run);
             let acc = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.3}"));
@@ -490,9 +495,6 @@ fn eval(a: EvalArgs) -> Result<()> {
         }
     }
     progress.finish();
-    if let Some(mut w) = predictions {
-        w.flush().context("writing --predictions")?;
-    }
     let command = std::iter::once("nuwa".to_string()).chain(std::env::args().skip(1).map(shell_quote)).collect::<Vec<_>>().join(" ");
     let table = Table::new(&model.manifest().id, &a.data, Some(command), a.max_tokens, data.items.len(), &runs);
     report_unreadable(&table);
@@ -524,6 +526,17 @@ fn eval(a: EvalArgs) -> Result<()> {
     if table.rows.iter().all(|r| r.n_grounding + r.n_vqa == 0) {
         anyhow::bail!("no item of {} could be scored (the unreadable lines and why are listed above)", a.data.display());
     }
+    Ok(())
+}
+
+/// Appends one scored item, with the label of its run, to the predictions file and flushes it.
+fn write_prediction(w: &mut impl Write, item: &nuwa::eval::ItemResult, run: &str) -> Result<()> {
+    let mut v = serde_json::to_value(item)?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("run".into(), run.into());
+    }
+    writeln!(w, "{v}")?;
+    w.flush()?;
     Ok(())
 }
 
