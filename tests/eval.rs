@@ -630,3 +630,83 @@ fn predictions_are_written_as_items_are_scored_so_a_stopped_sweep_keeps_them() {
     let runs: std::collections::BTreeSet<&str> = lines.iter().map(|v| v["run"].as_str().expect("run")).collect();
     assert!(runs.iter().all(|r| ["none", "nuwa:k40/12"].contains(r)), "{runs:?}");
 }
+
+#[test]
+fn a_stopped_sweep_resumes_from_its_predictions_with_the_same_table() {
+    let data = mini();
+    let data = data.to_str().expect("utf8");
+    let sweep = ["--sweep", "none;nuwa:k40/12"];
+    let run = |preds: &Path, extra: &[&str]| {
+        let mut args = vec!["eval", "--model", "models/tiny-llava-clip", "--data", data, "--max-tokens", "3", "--json", "--quiet"];
+        args.extend(sweep);
+        args.extend(["--predictions", preds.to_str().expect("utf8")]);
+        args.extend(extra);
+        nuwa(&args)
+    };
+    let rows = |o: &ProcessOutput| -> Vec<(String, u64, u64, u64, u64)> {
+        let v = json_stdout(o);
+        v["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| {
+                let n = |k: &str| r[k].as_u64().expect(k);
+                (r["label"].as_str().expect("label").to_string(), n("n_grounding"), n("grounding_correct"), n("n_vqa"), n("vqa_correct"))
+            })
+            .collect()
+    };
+    let keys = |path: &Path| -> Vec<(String, u64)> {
+        let mut k: Vec<(String, u64)> = std::fs::read_to_string(path)
+            .expect("predictions")
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).expect("complete line");
+                (v["run"].as_str().expect("run").to_string(), v["line"].as_u64().expect("line"))
+            })
+            .collect();
+        k.sort();
+        k
+    };
+
+    let full_path = tmp("resume/full.jsonl");
+    let full = run(&full_path, &[]);
+    assert!(full.status.success(), "{}", stderr(&full));
+    let all = std::fs::read_to_string(&full_path).expect("predictions");
+    let lines: Vec<&str> = all.lines().collect();
+    assert_eq!(lines.len(), 8, "4 scorable items x 2 settings (line 9's image cannot be decoded)");
+
+    // Stopped after 4 lines and halfway through the 5th.
+    let part = tmp("resume/part.jsonl");
+    std::fs::write(&part, format!("{}\n{}", lines[..4].join("\n"), &lines[4][..lines[4].len() / 2])).expect("write");
+    let resumed = run(&part, &["--resume"]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert!(stderr(&resumed).contains("resuming: 4 of 10"), "{}", stderr(&resumed));
+    assert_eq!(rows(&resumed), rows(&full));
+    assert_eq!(keys(&part), keys(&full_path), "every item once, the cut line replaced");
+
+    // Resuming a finished run runs nothing and gives the same table.
+    let again = run(&part, &["--resume"]);
+    assert!(again.status.success() && stderr(&again).contains("resuming: 8 of 10"), "{}", stderr(&again));
+    assert_eq!(rows(&again), rows(&full));
+    assert_eq!(keys(&part), keys(&full_path));
+
+    // Without the file, --resume starts from the beginning.
+    let fresh = tmp("resume/fresh.jsonl");
+    let o = run(&fresh, &["--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(keys(&fresh), keys(&full_path));
+
+    // Another sweep, or other data, is refused before anything runs.
+    let mut args = vec!["eval", "--model", "models/tiny-llava-clip", "--data", data, "--sweep", "none;fastv:k81/20", "--resume"];
+    args.extend(["--predictions", part.to_str().expect("utf8")]);
+    let o = nuwa(&args);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("\"nuwa:k40/12\" is not a setting of this sweep"), "{}", stderr(&o));
+    let other = tmp("resume/other.jsonl");
+    std::fs::write(&other, lines[0].replace("\"line\":1", "\"line\":3") + "\n").expect("write");
+    let o = run(&other, &["--resume"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("made on other data"), "{}", stderr(&o));
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--resume"]);
+    assert_eq!(o.status.code(), Some(2), "--resume needs --predictions: {}", stderr(&o));
+}

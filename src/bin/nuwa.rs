@@ -204,6 +204,10 @@ struct EvalArgs {
     /// label) as it is scored, so a stopped sweep keeps what it did.
     #[arg(long)]
     predictions: Option<PathBuf>,
+    /// Continue a stopped run of the same command: the items already in the --predictions file are kept and not
+    /// run again, and new ones are appended (without the file, it starts from the beginning).
+    #[arg(long, requires = "predictions")]
+    resume: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -453,24 +457,34 @@ fn eval(a: EvalArgs) -> Result<()> {
         Some(spec) => eval::parse_sweep(spec, &template)?,
         None => vec![template],
     };
+    let labels: Vec<String> = settings.iter().map(eval::label).collect();
+    let mut resumed = eval::predictions::Resumed { items: vec![Vec::new(); settings.len()], complete_len: 0 };
     let mut predictions = match &a.predictions {
         Some(p) => {
             if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             }
-            let file = std::fs::File::create(p).with_context(|| format!("creating --predictions {}", p.display()))?;
+            let file = if a.resume && p.is_file() {
+                resumed = eval::predictions::read(p, &data, &labels).context("--resume")?;
+                let file = std::fs::OpenOptions::new().append(true).open(p).with_context(|| format!("opening --predictions {}", p.display()))?;
+                // A line cut short when the earlier run was stopped goes; the rest is kept.
+                file.set_len(resumed.complete_len).with_context(|| format!("truncating --predictions {}", p.display()))?;
+                eprintln!("nuwa eval: resuming: {} of {} item runs already in {}", resumed.len(), data.items.len() * settings.len(), p.display());
+                file
+            } else {
+                std::fs::File::create(p).with_context(|| format!("creating --predictions {}", p.display()))?
+            };
             Some(std::io::BufWriter::new(file))
         }
         None => None,
     };
     let model = a.model.load()?;
     eval::check_settings(&model, &settings)?;
-    let mut progress = Progress::new(data.items.len() * settings.len(), !a.quiet);
+    let mut progress = Progress::new(data.items.len() * settings.len() - resumed.len(), !a.quiet);
     progress.set_label(&if settings.len() > 1 { format!("{} settings", settings.len()) } else { eval::label(&settings[0]) });
     // Predictions are written as items are scored, so a sweep that is stopped keeps what it has done.
-    let labels: Vec<String> = settings.iter().map(eval::label).collect();
     let mut write_error = None;
-    let runs = eval::evaluate_sweep(&model, &data, &settings, a.max_tokens, |i, e| {
+    let runs = eval::evaluate_sweep_from(&model, &data, &settings, a.max_tokens, resumed.items, |i, e| {
         progress.tick(matches!(e, ItemEvent::Failed(_)));
         if let (Some(w), ItemEvent::Scored(item), None) = (predictions.as_mut(), &e, &write_error) {
             if let Err(err) = write_prediction(w, item, &labels[i]) {
@@ -531,11 +545,7 @@ fn eval(a: EvalArgs) -> Result<()> {
 
 /// Appends one scored item, with the label of its run, to the predictions file and flushes it.
 fn write_prediction(w: &mut impl Write, item: &nuwa::eval::ItemResult, run: &str) -> Result<()> {
-    let mut v = serde_json::to_value(item)?;
-    if let Some(o) = v.as_object_mut() {
-        o.insert("run".into(), run.into());
-    }
-    writeln!(w, "{v}")?;
+    writeln!(w, "{}", nuwa::eval::predictions::line(item, run)?)?;
     w.flush()?;
     Ok(())
 }

@@ -32,7 +32,7 @@ impl Expected {
 pub const IOU_THRESHOLD: f64 = 0.5;
 
 /// The verdict on one answer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Score {
     /// Whether the answer counts as correct.
     pub correct: bool,

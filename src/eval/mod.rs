@@ -16,6 +16,7 @@
 
 pub mod data;
 pub mod metrics;
+pub mod predictions;
 pub mod progress;
 pub mod table;
 
@@ -161,6 +162,20 @@ pub fn evaluate_sweep(
     data: &Dataset,
     settings: &[PruneConfig],
     max_new_tokens: usize,
+    on_item: impl FnMut(usize, ItemEvent<'_>),
+) -> Result<Vec<RunResult>> {
+    evaluate_sweep_from(model, data, settings, max_new_tokens, vec![Vec::new(); settings.len()], on_item)
+}
+
+/// [`evaluate_sweep`] continuing a stopped one: `prior[i]` holds the items setting `i` already scored (read back
+/// with [`predictions::read`]); they are kept as they are and not run again, and an image whose every item is done
+/// under every setting is not even decoded. `on_item` sees only the new results.
+pub fn evaluate_sweep_from(
+    model: &Arc<Model>,
+    data: &Dataset,
+    settings: &[PruneConfig],
+    max_new_tokens: usize,
+    prior: Vec<Vec<ItemResult>>,
     mut on_item: impl FnMut(usize, ItemEvent<'_>),
 ) -> Result<Vec<RunResult>> {
     let v = &model.manifest().vision;
@@ -170,9 +185,17 @@ pub fn evaluate_sweep(
     if max_new_tokens == 0 {
         return Err(Error::InvalidRequest("--max-tokens must be at least 1".into()));
     }
+    if prior.len() != settings.len() {
+        return Err(Error::InvalidRequest(format!("{} settings but earlier results for {}", settings.len(), prior.len())));
+    }
+    let done: Vec<std::collections::HashSet<usize>> = prior.iter().map(|items| items.iter().map(|r| r.line).collect()).collect();
     let mut runs: Vec<RunResult> = settings
         .iter()
-        .map(|prune| RunResult { prune: prune.clone(), items: Vec::with_capacity(data.items.len()), unreadable: data.unreadable.clone() })
+        .zip(prior)
+        .map(|(prune, mut items)| {
+            items.reserve(data.items.len().saturating_sub(items.len()));
+            RunResult { prune: prune.clone(), items, unreadable: data.unreadable.clone() }
+        })
         .collect();
     let base = GenerationParams { max_new_tokens, sampler: SamplerConfig::Greedy, record: false, ..GenerationParams::default() };
     // Consecutive items on the same image share its vision pass and, per setting, its image prefix.
@@ -182,12 +205,19 @@ pub fn evaluate_sweep(
         let end = start + data.items[start..].iter().take_while(|it| &it.image == path).count();
         let group = &data.items[start..end];
         start = end;
+        let pending = |i: usize| group.iter().any(|it| !done[i].contains(&it.line));
+        if !(0..runs.len()).any(pending) {
+            continue;
+        }
         let prepared = model.prepare(&ImageInput::Path(path.clone()), &base.limits).map_err(|e| e.to_string());
         for (i, run) in runs.iter_mut().enumerate() {
+            if !pending(i) {
+                continue;
+            }
             let params = GenerationParams { prune: run.prune.clone(), ..base.clone() };
             let prefix =
                 prepared.as_ref().map_err(Clone::clone).and_then(|image| model.image_prefix(image, &params.prune).map_err(|e| e.to_string()));
-            for item in group {
+            for item in group.iter().filter(|it| !done[i].contains(&it.line)) {
                 let outcome = prefix.as_ref().map_err(Clone::clone).and_then(|prefix| {
                     if let (Expected::Grounding { bbox }, Ok(image)) = (&item.expected, &prepared) {
                         let r = &image.pixels.resize;
