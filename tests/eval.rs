@@ -710,3 +710,37 @@ fn a_stopped_sweep_resumes_from_its_predictions_with_the_same_table() {
     let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--resume"]);
     assert_eq!(o.status.code(), Some(2), "--resume needs --predictions: {}", stderr(&o));
 }
+
+#[test]
+fn items_on_one_image_anywhere_in_the_file_give_the_results_they_give_alone() {
+    let a = root().join("examples/coco-000000000139.jpg");
+    let b = root().join("models/tiny-llava-clip/golden/image.png");
+    let item = |img: &Path, prompt: &str| format!(r#"{{"image": {:?}, "kind": "vqa", "prompt": {prompt:?}, "answer": "yes"}}"#, img.display().to_string());
+    let lines = [item(&a, "Is there a person?"), item(&b, "Is there a circle?"), item(&a, "Is it day?"), item(&b, "Is it red?")];
+    let texts = |path: &Path, preds: &Path| -> Vec<(u64, String, String)> {
+        let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", path.to_str().expect("utf8"), "--max-tokens", "4", "--quiet",
+            "--sweep", "none;nuwa:k40/12", "--predictions", preds.to_str().expect("utf8")]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut v: Vec<(u64, String, String)> = std::fs::read_to_string(preds)
+            .expect("predictions")
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).expect("json");
+                (v["line"].as_u64().expect("line"), v["run"].as_str().expect("run").into(), v["text"].as_str().expect("text").into())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mixed = tmp("interleaved.jsonl");
+    std::fs::write(&mixed, lines.join("\n")).expect("write");
+    let together = texts(&mixed, &tmp("interleaved.pred.jsonl"));
+    assert_eq!(together.len(), 8);
+    for (i, l) in lines.iter().enumerate() {
+        let one = tmp(&format!("interleaved-{i}.jsonl"));
+        std::fs::write(&one, l).expect("write");
+        let alone = texts(&one, &tmp(&format!("interleaved-{i}.pred.jsonl")));
+        let want: Vec<(u64, String, String)> = together.iter().filter(|t| t.0 == i as u64 + 1).map(|t| (1, t.1.clone(), t.2.clone())).collect();
+        assert_eq!(alone, want, "item {}", i + 1);
+    }
+}

@@ -152,7 +152,7 @@ pub fn evaluate(
 
 /// Runs every item of `data` under each of `settings`, one [`RunResult`] per setting, in order.
 ///
-/// Images are the outer loop: consecutive items on the same image share one decode and vision pass
+/// Images are the outer loop: the items on one image (wherever they are in the file) share one decode and vision pass
 /// ([`Model::prepare`]), and under each setting one [`ImagePrefix`] (Stage 1, projector and the decoder over the
 /// tokens before the prompt), so a sweep costs one vision pass per image and one prefix per image and setting.
 /// Results are the same as running every item alone; TTFT still counts the shared work, as a lone request pays it.
@@ -198,13 +198,19 @@ pub fn evaluate_sweep_from(
         })
         .collect();
     let base = GenerationParams { max_new_tokens, sampler: SamplerConfig::Greedy, record: false, ..GenerationParams::default() };
-    // Consecutive items on the same image share its vision pass and, per setting, its image prefix.
-    let mut start = 0;
-    while start < data.items.len() {
-        let path = &data.items[start].image;
-        let end = start + data.items[start..].iter().take_while(|it| &it.image == path).count();
-        let group = &data.items[start..end];
-        start = end;
+    // The items on one image share its vision pass and, per setting, its image prefix; images go in the order of
+    // their first item, so a file sorted by kind or interleaved costs no more vision passes than a grouped one.
+    let mut groups: Vec<Vec<&EvalItem>> = Vec::new();
+    let mut group_of: std::collections::HashMap<&std::path::Path, usize> = std::collections::HashMap::new();
+    for item in &data.items {
+        let g = *group_of.entry(item.image.as_path()).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[g].push(item);
+    }
+    for group in &groups {
+        let path = &group[0].image;
         let pending = |i: usize| group.iter().any(|it| !done[i].contains(&it.line));
         if !(0..runs.len()).any(pending) {
             continue;
