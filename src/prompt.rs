@@ -36,7 +36,9 @@ impl PromptLayout {
 /// Whether `text` contains the text of one of the tokenizer's special tokens (which a whole-text encode would turn
 /// into that control token).
 fn holds_special_text(tokenizer: &Tokenizer, text: &str) -> bool {
-    tokenizer.get_added_tokens_decoder().values().any(|t| t.special && !t.content.is_empty() && text.contains(t.content.as_str()))
+    // The added vocabulary by reference: `Tokenizer::get_added_tokens_decoder` would clone it on every request.
+    let added = tokenizer.get_added_vocabulary().get_added_tokens_decoder();
+    added.values().any(|t| t.special && !t.content.is_empty() && text.contains(t.content.as_str()))
 }
 
 /// Lays out `prompt` around the visual tokens at raster indices `visual` (sorted) of an image of `total_visual` tokens.

@@ -481,7 +481,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let model = a.model.load()?;
     eval::check_settings(&model, &settings)?;
     let mut progress = Progress::new(data.items.len() * settings.len() - resumed.len(), !a.quiet);
-    progress.set_label(&if settings.len() > 1 { format!("{} settings", settings.len()) } else { eval::label(&settings[0]) });
+    progress.set_label(&if settings.len() > 1 { format!("{} settings", settings.len()) } else { labels[0].clone() });
     // Predictions are written as items are scored, so a sweep that is stopped keeps what it has done.
     let mut write_error = None;
     let runs = eval::evaluate_sweep_from(&model, &data, &settings, a.max_tokens, resumed.items, |i, e| {
@@ -495,8 +495,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     if let (Some(e), Some(p)) = (write_error, &a.predictions) {
         return Err(e.context(format!("writing --predictions {}", p.display())));
     }
-    for run in &runs {
-        let label = eval::label(&run.prune);
+    for (run, label) in runs.iter().zip(&labels) {
         if settings.len() > 1 {
             let s = eval::Summary::of(run);
             let acc = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.3}"));
