@@ -352,9 +352,7 @@ fn write_artifacts(a: &RunArgs, model: &Model, generation: &nuwa::pipeline::Gene
         eprintln!("nuwa: wrote the request's tensors to {}", dir.display());
     }
     if let Some(path) = &a.viz {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating the directory of --viz {}", path.display()))?;
-        }
+        create_parent_dir(path, "--viz")?;
         let bytes = std::fs::read(&a.image).with_context(|| format!("reading {}", a.image.display()))?;
         let original = nuwa::image::decode_image(&bytes, &nuwa::image::ImageLimits::default())?;
         nuwa::viz::render(&original, &out.resize, trace, model.manifest().vision.patch_size, &out.boxes, path)?;
@@ -461,9 +459,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let mut resumed = eval::predictions::Resumed { items: vec![Vec::new(); settings.len()], complete_len: 0 };
     let mut predictions = match &a.predictions {
         Some(p) => {
-            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            }
+            create_parent_dir(p, "--predictions")?;
             let file = if a.resume && p.is_file() {
                 resumed = eval::predictions::read(p, &data, &labels).context("--resume")?;
                 let file = std::fs::OpenOptions::new().append(true).open(p).with_context(|| format!("opening --predictions {}", p.display()))?;
@@ -538,6 +534,14 @@ fn eval(a: EvalArgs) -> Result<()> {
     // A run that scored nothing is a failure, not a table of n/a: say so in the exit status.
     if table.rows.iter().all(|r| r.n_grounding + r.n_vqa == 0) {
         anyhow::bail!("no item of {} could be scored (the unreadable lines and why are listed above)", a.data.display());
+    }
+    Ok(())
+}
+
+/// Creates the directory an output file named by `option` goes into, if it is missing.
+fn create_parent_dir(path: &std::path::Path, option: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating the directory {} of {option} {}", dir.display(), path.display()))?;
     }
     Ok(())
 }
