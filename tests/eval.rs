@@ -11,7 +11,7 @@ use std::process::{Command, Output as ProcessOutput};
 use nuwa::eval::progress::{format_duration, render};
 use nuwa::eval::{
     check_box_in_image, data::parse_line, iou, kept_share, label, metrics::vqa_correct, normalize_answer, parse_sweep, retention, score, Dataset,
-    Expected, ItemResult, RunResult, Score, Summary, Table, Unreadable, DEFAULT_SWEEP, target_cells,
+    Expected, ItemKind, ItemResult, RunResult, Score, Summary, Table, Unreadable, DEFAULT_SWEEP, target_cells,
 };
 use nuwa::prune::{Amount, Method, PositionPolicy, PruneConfig, METHOD_NAMES};
 use serde_json::Value;
@@ -309,28 +309,29 @@ fn sweep_specs() {
     }
 }
 
-fn item(kind: &'static str, correct: bool, ttft: f64, kept: usize) -> ItemResult {
+fn item(kind: ItemKind, correct: bool, ttft: f64, kept: usize) -> ItemResult {
+    let grounding = kind == ItemKind::Grounding;
     ItemResult {
         line: 1,
         kind,
         score: Score {
             correct,
-            iou: (kind == "grounding").then_some(if correct { 0.8 } else { 0.1 }),
-            predicted_box: (kind == "grounding").then_some([0.0, 0.0, 1.0, 1.0]),
+            iou: grounding.then_some(if correct { 0.8 } else { 0.1 }),
+            predicted_box: grounding.then_some([0.0, 0.0, 1.0, 1.0]),
             normalized: None,
         },
         text: String::new(),
         ttft_ms: ttft,
         visual_tokens_kept: kept,
         visual_tokens_after_stage1: kept * 2,
-        target_kept_stage1: (kind == "grounding").then_some(if correct { 1.0 } else { 0.5 }),
-        target_kept_stage2: (kind == "grounding").then_some(if correct { 0.5 } else { 0.0 }),
+        target_kept_stage1: grounding.then_some(if correct { 1.0 } else { 0.5 }),
+        target_kept_stage2: grounding.then_some(if correct { 0.5 } else { 0.0 }),
     }
 }
 
 fn run(method: Method, amount: Amount, grounding: &[bool], vqa: &[bool]) -> RunResult {
-    let mut items: Vec<ItemResult> = grounding.iter().map(|&c| item("grounding", c, 10.0, 8)).collect();
-    items.extend(vqa.iter().map(|&c| item("vqa", c, 20.0, 8)));
+    let mut items: Vec<ItemResult> = grounding.iter().map(|&c| item(ItemKind::Grounding, c, 10.0, 8)).collect();
+    items.extend(vqa.iter().map(|&c| item(ItemKind::Vqa, c, 20.0, 8)));
     RunResult { prune: PruneConfig { method, amount, ..Default::default() }, items, unreadable: vec![] }
 }
 

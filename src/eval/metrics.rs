@@ -18,12 +18,38 @@ pub enum Expected {
     },
 }
 
-impl Expected {
+/// The kind of an item, as the data and the predictions file write it (`"grounding"` or `"vqa"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemKind {
+    /// A referring expression answered with a box.
+    Grounding,
+    /// A question answered in words.
+    Vqa,
+}
+
+impl ItemKind {
     /// `"grounding"` or `"vqa"`.
-    pub fn kind(&self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
-            Expected::Grounding { .. } => "grounding",
-            Expected::Vqa { .. } => "vqa",
+            ItemKind::Grounding => "grounding",
+            ItemKind::Vqa => "vqa",
+        }
+    }
+}
+
+impl std::fmt::Display for ItemKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Expected {
+    /// Which kind of item this is.
+    pub fn kind(&self) -> ItemKind {
+        match self {
+            Expected::Grounding { .. } => ItemKind::Grounding,
+            Expected::Vqa { .. } => ItemKind::Vqa,
         }
     }
 }

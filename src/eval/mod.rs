@@ -25,7 +25,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 pub use data::{Dataset, EvalItem, Unreadable};
-pub use metrics::{check_box_in_image, iou, kept_share, normalize_answer, score, target_cells, Expected, Score, BOX_EDGE_TOLERANCE, IOU_THRESHOLD};
+pub use metrics::{check_box_in_image, iou, kept_share, normalize_answer, score, target_cells, Expected, ItemKind, Score, BOX_EDGE_TOLERANCE, IOU_THRESHOLD};
 pub use table::{retention, Summary, Table};
 
 use crate::error::{Error, Result};
@@ -41,12 +41,12 @@ pub const DEFAULT_SWEEP: &str =
 pub const DEFAULT_BUDGETS: [usize; 3] = [64, 128, 192];
 
 /// The result of one item.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ItemResult {
     /// 1-based line number in the data file.
     pub line: usize,
-    /// `"grounding"` or `"vqa"`.
-    pub kind: &'static str,
+    /// Grounding or VQA.
+    pub kind: ItemKind,
     /// The verdict.
     #[serde(flatten)]
     pub score: Score,

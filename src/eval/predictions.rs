@@ -4,13 +4,13 @@
 //! A line is an [`ItemResult`] with the setting's [`label`](super::label) as `run`:
 //! `{"run": "nuwa:64", "line": 12, "kind": "vqa", "correct": true, "normalized": "yes", "text": " Yes", ...}`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use serde::Deserialize;
 
 use super::data::Dataset;
-use super::metrics::Score;
+use super::metrics::ItemKind;
 use super::ItemResult;
 use crate::error::{Error, Result};
 
@@ -27,16 +27,8 @@ pub fn line(item: &ItemResult, run: &str) -> Result<String> {
 #[derive(Deserialize)]
 struct Stored {
     run: String,
-    line: usize,
-    kind: String,
     #[serde(flatten)]
-    score: Score,
-    text: String,
-    ttft_ms: f64,
-    visual_tokens_kept: usize,
-    visual_tokens_after_stage1: usize,
-    target_kept_stage1: Option<f64>,
-    target_kept_stage2: Option<f64>,
+    item: ItemResult,
 }
 
 /// What a predictions file already holds for a sweep.
@@ -69,7 +61,7 @@ pub fn read(path: &Path, data: &Dataset, labels: &[String]) -> Result<Resumed> {
     let complete_len = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let text = std::str::from_utf8(&bytes[..complete_len])
         .map_err(|e| Error::InvalidRequest(format!("{}: not UTF-8: {e}", path.display())))?;
-    let kinds: std::collections::HashMap<usize, &'static str> = data.items.iter().map(|i| (i.line, i.expected.kind())).collect();
+    let kinds: HashMap<usize, ItemKind> = data.items.iter().map(|i| (i.line, i.expected.kind())).collect();
     let mut items: Vec<Vec<ItemResult>> = vec![Vec::new(); labels.len()];
     let mut seen = HashSet::new();
     let bad = |n: usize, why: String| Error::InvalidRequest(format!("{} line {n}: {why}", path.display()));
@@ -77,29 +69,82 @@ pub fn read(path: &Path, data: &Dataset, labels: &[String]) -> Result<Resumed> {
         if raw.trim().is_empty() {
             continue;
         }
-        let s: Stored = serde_json::from_str(raw).map_err(|e| bad(n, format!("not a prediction: {e}")))?;
-        let run = labels.iter().position(|l| *l == s.run).ok_or_else(|| {
-            bad(n, format!("run {:?} is not a setting of this sweep ({}); resume with the same --sweep", s.run, labels.join(", ")))
+        let Stored { run, item } = serde_json::from_str(raw).map_err(|e| bad(n, format!("not a prediction: {e}")))?;
+        let setting = labels.iter().position(|l| *l == run).ok_or_else(|| {
+            bad(n, format!("run {run:?} is not a setting of this sweep ({}); resume with the same --sweep", labels.join(", ")))
         })?;
-        let kind = match kinds.get(&s.line) {
-            Some(k) if *k == s.kind => *k,
-            Some(k) => return Err(bad(n, format!("line {} of {} is a {k} item, the prediction a {:?} one: made on other data?", s.line, data.path.display(), s.kind))),
-            None => return Err(bad(n, format!("line {} is not a usable item of {}: made on other data?", s.line, data.path.display()))),
-        };
-        if !seen.insert((run, s.line)) {
-            return Err(bad(n, format!("a second prediction for line {} under {}", s.line, s.run)));
+        match kinds.get(&item.line) {
+            Some(k) if *k == item.kind => {}
+            Some(k) => return Err(bad(n, format!("line {} of {} is a {k} item, the prediction a {} one: made on other data?", item.line, data.path.display(), item.kind))),
+            None => return Err(bad(n, format!("line {} is not a usable item of {}: made on other data?", item.line, data.path.display()))),
         }
-        items[run].push(ItemResult {
-            line: s.line,
-            kind,
-            score: s.score,
-            text: s.text,
-            ttft_ms: s.ttft_ms,
-            visual_tokens_kept: s.visual_tokens_kept,
-            visual_tokens_after_stage1: s.visual_tokens_after_stage1,
-            target_kept_stage1: s.target_kept_stage1,
-            target_kept_stage2: s.target_kept_stage2,
-        });
+        if !seen.insert((setting, item.line)) {
+            return Err(bad(n, format!("a second prediction for line {} under {run}", item.line)));
+        }
+        items[setting].push(item);
     }
     Ok(Resumed { items, complete_len: complete_len as u64 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::{EvalItem, Expected, Score};
+
+    fn item(line: usize, expected: Expected) -> EvalItem {
+        EvalItem { line, image: "a.jpg".into(), prompt: "p".into(), expected }
+    }
+
+    #[test]
+    fn lines_read_back_as_the_items_written() {
+        let dir = std::env::temp_dir().join(format!("nuwa-predictions-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = Dataset {
+            path: dir.join("data.jsonl"),
+            items: vec![item(1, Expected::Grounding { bbox: [1.0, 2.0, 30.0, 40.0] }), item(3, Expected::Vqa { answer: "yes".into() })],
+            unreadable: vec![],
+        };
+        let grounding = ItemResult {
+            line: 1,
+            kind: ItemKind::Grounding,
+            score: Score { correct: true, iou: Some(0.625), predicted_box: Some([1.5, 2.0, 29.0, 41.25]), normalized: None },
+            text: "[0.01, 0.02, 0.30, 0.40]".into(),
+            ttft_ms: 101.5,
+            visual_tokens_kept: 16,
+            visual_tokens_after_stage1: 112,
+            target_kept_stage1: Some(0.5),
+            target_kept_stage2: Some(0.25),
+        };
+        let vqa = ItemResult {
+            line: 3,
+            kind: ItemKind::Vqa,
+            score: Score { correct: false, iou: None, predicted_box: None, normalized: Some("no".into()) },
+            text: " No\n\"quoted\"".into(),
+            ttft_ms: 99.0,
+            visual_tokens_kept: 576,
+            visual_tokens_after_stage1: 576,
+            target_kept_stage1: None,
+            target_kept_stage2: None,
+        };
+        let labels = vec!["none".to_string(), "nuwa:64".to_string()];
+        let file = dir.join("p.jsonl");
+        // The second setting's line is cut short, as when a run is stopped while writing.
+        let cut = line(&grounding, "nuwa:64").unwrap();
+        let text = format!("{}\n{}\n{}", line(&grounding, "none").unwrap(), line(&vqa, "none").unwrap(), &cut[..cut.len() / 2]);
+        std::fs::write(&file, &text).unwrap();
+        let r = read(&file, &data, &labels).unwrap();
+        assert_eq!(r.items, vec![vec![grounding.clone(), vqa.clone()], vec![]]);
+        assert_eq!(r.complete_len as usize, text.rfind('\n').unwrap() + 1);
+
+        // A prediction whose kind differs from the data's item on that line comes from other data.
+        let wrong = ItemResult { kind: ItemKind::Vqa, ..grounding.clone() };
+        std::fs::write(&file, line(&wrong, "none").unwrap() + "\n").unwrap();
+        let e = read(&file, &data, &labels).unwrap_err().to_string();
+        assert!(e.contains("line 1 of") && e.contains("is a grounding item, the prediction a vqa one"), "{e}");
+        // An unknown kind is not a prediction.
+        std::fs::write(&file, line(&grounding, "none").unwrap().replace("\"grounding\"", "\"caption\"") + "\n").unwrap();
+        let e = read(&file, &data, &labels).unwrap_err().to_string();
+        assert!(e.contains("line 1: not a prediction") && e.contains("caption"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::data::Unreadable;
-use super::{label, RunResult};
+use super::{label, ItemKind, RunResult};
 use crate::error::{Error, Result};
 use crate::prune::{Amount, Method};
 
@@ -85,8 +85,8 @@ impl Summary {
             Amount::Budget(b) => (Some(b), None, None),
             Amount::Keep { keep1, keep2 } => (None, Some(keep1), Some(keep2)),
         };
-        let grounding: Vec<_> = run.items.iter().filter(|i| i.kind == "grounding").collect();
-        let vqa: Vec<_> = run.items.iter().filter(|i| i.kind != "grounding").collect();
+        let grounding: Vec<_> = run.items.iter().filter(|i| i.kind == ItemKind::Grounding).collect();
+        let vqa: Vec<_> = run.items.iter().filter(|i| i.kind == ItemKind::Vqa).collect();
         let grounding_correct = grounding.iter().filter(|i| i.score.correct).count();
         let vqa_correct = vqa.iter().filter(|i| i.score.correct).count();
         Summary {
