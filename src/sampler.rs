@@ -146,9 +146,11 @@ impl Sampler for TemperatureSampler {
             return Err(Error::InvalidRequest("logits contain +inf".into()));
         }
         let n = logits.len();
-        // Order: logit descending, then id ascending (a total order, NaN already rejected).
+        // Order: logit descending, then id ascending. By value, so that -0.0 and +0.0 tie and go to the lower id
+        // as in greedy decoding (total_cmp would rank +0.0 first); NaN is already rejected, so this is total.
         let order = |a: &u32, b: &u32| {
-            logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b))
+            let (la, lb) = (logits[*a as usize], logits[*b as usize]);
+            lb.partial_cmp(&la).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(b))
         };
         self.candidates.clear();
         self.candidates.extend(0..n as u32);
@@ -402,6 +404,11 @@ mod tests {
         // Ties: top_k = 1 keeps the lowest id, like greedy.
         assert_eq!(temp(1.0, Some(1), 1.0, 0).sample(&FIXED).unwrap(), 1);
         assert_eq!(temp(1.0, None, 1e-6, 0).sample(&FIXED).unwrap(), 1);
+        // -0.0 and +0.0 are a tie too.
+        let zeros = [-0.0f32, 0.0];
+        assert_eq!(argmax(&zeros).unwrap(), 0);
+        assert_eq!(temp(1.0, Some(1), 1.0, 0).sample(&zeros).unwrap(), 0);
+        assert_eq!(temp(1.0, None, 1e-6, 0).sample(&zeros).unwrap(), 0);
     }
 
     proptest! {
