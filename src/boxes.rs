@@ -113,14 +113,18 @@ pub fn to_model_pixels(coords: [f32; 4], format: &BoxFormat, record: &ResizeReco
     }
 }
 
-/// Finds the boxes in `text` and maps each to original image pixels.
+/// Finds the boxes in `text` and maps each to original image pixels (clamped to the image). A box with no area
+/// on the image is left out: one that lies wholly in the padding of a padded input, or is a point or a line as
+/// written. Clamping would turn it into a zero-width or zero-height box on the image's edge, which the model never
+/// pointed at; the text keeps what it wrote.
 pub fn extract_boxes(text: &str, format: &BoxFormat, record: &ResizeRecord) -> Vec<ImageBox> {
     parse_boxes(text, format)
         .into_iter()
-        .map(|p| {
+        .filter_map(|p| {
             let model = to_model_pixels(p.coords, format, record);
             let original = record.to_original_box(model);
-            ImageBox { span: p.span, coords: p.coords, model, original }
+            let on_image = original[2] > original[0] && original[3] > original[1];
+            on_image.then_some(ImageBox { span: p.span, coords: p.coords, model, original })
         })
         .collect()
 }
@@ -235,6 +239,22 @@ mod tests {
         let b = extract_boxes("[0.5, 0.5, 0.375, 0.25]", &FMT, &r);
         close(b[0].model, [126.0, 84.0, 168.0, 168.0]);
         close(b[0].original, [75.0, 150.0, 150.0, 300.0]);
+    }
+
+    #[test]
+    fn boxes_with_no_area_on_the_image_are_left_out() {
+        // 640x480 padded: y below 0.125 is the top padding. A box wholly there would clamp to [64, 0, 576, 0].
+        let r = record(ResizePolicy::Pad, 640, 480);
+        let b = extract_boxes("[0.1, 0.0, 0.9, 0.1] then [0.1, 0.1, 0.9, 0.2]", &FMT, &r);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert_eq!(b[0].coords, [0.1, 0.1, 0.9, 0.2]);
+        close(b[0].original, [64.0, 0.0, 576.0, 48.0]);
+        // Points and lines as written.
+        assert!(extract_boxes("[0.10, 0.20, 0.10, 0.20]", &FMT, &r).is_empty());
+        assert!(extract_boxes("[0.10, 0.20, 0.50, 0.20]", &FMT, &r).is_empty());
+        // Portrait: a box wholly in the right-hand padding.
+        let r = record(ResizePolicy::Pad, 300, 600);
+        assert!(extract_boxes("[0.8, 0.1, 0.95, 0.9]", &FMT, &r).is_empty());
     }
 
     #[test]
