@@ -111,10 +111,25 @@ pub fn find_library() -> Option<PathBuf> {
     None
 }
 
+/// The most intra-op threads a pool may have. ONNX Runtime starts every thread of a pool up front; far above the
+/// core count (100,000, a typo's worth) that takes minutes and gigabytes before anything runs.
+pub const MAX_INTRA_THREADS: usize = 1024;
+
+fn check_threads(threads: Option<usize>) -> Result<()> {
+    match threads {
+        Some(n) if n > MAX_INTRA_THREADS => Err(Error::InvalidRequest(format!(
+            "{n} intra-op threads asked for: at most {MAX_INTRA_THREADS} (this machine has {} cores)",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl Runtime {
     /// Loads ONNX Runtime (once per process) from `library`, or from [`find_library`] when `None`, with a shared
     /// thread pool of `threads` intra-op threads (None: one per core). Later calls return the same runtime.
     pub fn get(library: Option<&Path>, threads: Option<usize>) -> Result<Arc<Runtime>> {
+        check_threads(threads)?;
         if let Some(rt) = RUNTIME.get() {
             return Ok(rt.clone());
         }
@@ -182,6 +197,7 @@ impl Runtime {
     // ort's builder error carries the builder back (144 bytes); it is turned into ours at once.
     #[allow(clippy::result_large_err)]
     fn builder(&self, options: &SessionOptions) -> Result<SessionBuilder> {
+        check_threads(options.intra_threads)?;
         let b = Session::builder(&self.env).map_err(|e| Error::Runtime(e.to_string()))?;
         let b = b.with_optimization_level(GraphOptimizationLevel::All).map_err(|e| Error::Runtime(e.to_string()))?;
         match options.intra_threads {

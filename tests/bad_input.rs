@@ -291,6 +291,13 @@ fn a_visualisation_path_that_cannot_be_written_fails_before_generating() {
 }
 
 #[test]
+fn an_absurd_thread_count_is_refused_before_any_thread_starts() {
+    // Before, --threads 100000 spent minutes and gigabytes starting threads.
+    let out = nuwa(&["run", "--model", fixture().to_str().expect("utf8"), "--image", example_image().to_str().expect("utf8"), "--prompt", "Hi", "--threads", "100000"]);
+    assert_fails(&out, &["100000 intra-op threads", "at most 1024"]);
+}
+
+#[test]
 fn sampling_options_without_a_temperature_are_refused_not_ignored() {
     let (model, image) = (fixture(), example_image());
     for extra in [["--top-k", "5"], ["--top-p", "0.5"]] {
