@@ -29,7 +29,7 @@ use crate::vision::{Projector, VisionEncoder, VisionTokens};
 pub struct LoadOptions {
     /// Execution provider asked for (CPU when it cannot be had).
     pub provider: Provider,
-    /// Intra-op threads per session (None: ONNX Runtime's default).
+    /// Intra-op threads per session (None: ONNX Runtime's default; at most [`crate::runtime::MAX_INTRA_THREADS`]).
     pub intra_threads: Option<usize>,
     /// ONNX Runtime library (None: [`crate::runtime::find_library`]).
     pub ort_library: Option<PathBuf>,
@@ -105,6 +105,9 @@ impl Default for GenerationParams {
 /// An image decoded, preprocessed and run through the vision tower, ready for any number of requests.
 #[derive(Debug, Clone)]
 pub struct PreparedImage {
+    /// The manifest id of the model that prepared it: the features belong to that model's vision tower and
+    /// preprocessing, so another model refuses the image rather than running on them.
+    pub model_id: String,
     /// Preprocessed pixels and the resize record.
     pub pixels: PixelBatch,
     /// The vision tower's outputs.
@@ -184,11 +187,12 @@ pub enum Step {
 pub struct Output {
     /// Generated text.
     pub text: String,
-    /// Boxes found in the text, `[x1, y1, x2, y2]` in original-image pixels.
+    /// Boxes found in the text, `[x1, y1, x2, y2]` in original-image pixels, clamped to the image; a box with no
+    /// area on the image (wholly in the padding, or a point) is left out ([`boxes::extract_boxes`]).
     pub boxes: Vec<[f32; 4]>,
     /// Generated token ids (end-of-sequence excluded).
     pub tokens: Vec<u32>,
-    /// Why generation stopped.
+    /// Why generation stopped: None while it runs, and after a step failed.
     pub finish_reason: Option<FinishReason>,
     /// How the image was mapped to the model input.
     pub resize: ResizeRecord,
@@ -347,7 +351,7 @@ impl Model {
         let preprocess_ms = ms_since(t0);
         let t = Instant::now();
         let vision = self.encode_image(&pixels)?;
-        Ok(PreparedImage { pixels, vision, preprocess_ms, vision_ms: ms_since(t) })
+        Ok(PreparedImage { model_id: self.manifest.id.clone(), pixels, vision, preprocess_ms, vision_ms: ms_since(t) })
     }
 
     /// Starts a request: image, vision tower, projector and prompt prefill. Pull tokens with [`Generation::step`].
@@ -385,6 +389,7 @@ impl Model {
     /// repeating that work (when the prompt template puts text before the image, only Stage 1 and the projector are
     /// shared).
     pub fn image_prefix(&self, image: &PreparedImage, prune: &PruneConfig) -> Result<ImagePrefix> {
+        self.check_prepared_here(image)?;
         let v = &self.manifest.vision;
         let resolved = prune.resolve(v.grid_h, v.grid_w)?;
         let tokens = &image.vision;
@@ -451,6 +456,17 @@ impl Model {
 
     /// The decoder layer where `prune` acts inside the decoder: FastV at the first decoder boundary (its own early
     /// cut when the export has one), Nüwa's Stage 2 at the split.
+    fn check_prepared_here(&self, image: &PreparedImage) -> Result<()> {
+        if image.model_id != self.manifest.id {
+            return Err(Error::InvalidRequest(format!(
+                "the image was prepared by model {:?}, this model is {:?}: its features and resize record do not apply here; \
+                 prepare it with this model",
+                image.model_id, self.manifest.id
+            )));
+        }
+        Ok(())
+    }
+
     fn prune_layer(&self, prune: &PruneConfig) -> usize {
         let d = &self.manifest.decoder;
         if prune.method == crate::prune::Method::FastV {
@@ -463,7 +479,8 @@ impl Model {
     /// Starts a request from a shared [`ImagePrefix`] (built for the same pruning setting as `params.prune`).
     pub fn generate_with_prefix(self: &Arc<Self>, prefix: &ImagePrefix, prompt: &str, params: &GenerationParams) -> Result<Generation> {
         let resolved = self.check_params(prompt, params)?;
-        if params.prune != prefix.prune {
+        self.check_prepared_here(&prefix.image)?;
+        if !params.prune.same_selection(&prefix.prune) {
             return Err(Error::InvalidRequest(format!(
                 "the image prefix was built for pruning {:?}, the request asks for {:?}",
                 prefix.prune, params.prune
@@ -508,7 +525,10 @@ impl Model {
         let mut span = layout.image_span.clone();
         let mut kept_now = prefix.stage1.kept.clone();
         let prune_at = self.prune_layer(&params.prune);
-        let capacity = layout.len() + params.max_new_tokens;
+        // Rows the caches can ever hold: the prompt's, plus one per decoded token, and no token is decoded at or past
+        // the last position (so a huge max_new_tokens reserves no more than the context allows).
+        let decodable = usize::try_from(max_pos - layout.next_position).unwrap_or(0);
+        let capacity = layout.len() + params.max_new_tokens.min(decodable);
         let mut caches = Vec::new();
         let mut signal = Vec::new();
         let mut stage2 = None;
@@ -579,11 +599,13 @@ impl Model {
             tokens: Vec::new(),
             text: String::new(),
             finished: None,
+            failed: None,
             max_new_tokens: params.max_new_tokens,
             resize: image.pixels.resize,
             stats,
             started: t0,
             decode_started: None,
+            decode_runs: 0,
             trace,
         })
     }
@@ -642,17 +664,41 @@ pub struct Generation {
     tokens: Vec<u32>,
     text: String,
     finished: Option<FinishReason>,
+    /// Set when a step failed: the generation's state is then unknown (logits spent, KV possibly half-written), so
+    /// every later pull returns this error again instead of carrying on or reporting a normal finish.
+    failed: Option<String>,
     max_new_tokens: usize,
     resize: ResizeRecord,
     stats: Stats,
     started: Instant,
     decode_started: Option<Instant>,
+    /// Decoder runs on generated tokens (one per token fed back; the last token is not fed back when the limit or
+    /// the context ends the generation, while a token followed by EOS or a stop is).
+    decode_runs: usize,
     trace: Option<Box<Trace>>,
 }
 
 impl Generation {
-    /// Samples the next token and runs the decoder on it; returns the token, or why generation ended.
+    /// Samples the next token and runs the decoder on it; returns the token, or why generation ended. After an
+    /// error (a failed ONNX Runtime run, logits the sampler refuses) the generation cannot go on: this and
+    /// [`Generation::stop`] return an error naming the first failure from then on.
     pub fn step(&mut self) -> Result<Step> {
+        self.check_not_failed()?;
+        let step = self.advance();
+        if let Err(e) = &step {
+            self.failed = Some(e.to_string());
+        }
+        step
+    }
+
+    fn check_not_failed(&self) -> Result<()> {
+        match &self.failed {
+            Some(why) => Err(Error::InvalidRequest(format!("this generation failed earlier and cannot go on: {why}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn advance(&mut self) -> Result<Step> {
         if let Some(reason) = self.finished {
             return Ok(Step::Finished { reason, text: String::new() });
         }
@@ -694,6 +740,7 @@ impl Generation {
         self.model.embeddings.gather_into(&[id], embed.view_mut())?;
         let logits = self.model.run_decoder(embed.view(), &[self.next_position], &mut self.caches)?;
         self.next_position += 1;
+        self.decode_runs += 1;
         Ok(logits)
     }
 
@@ -708,8 +755,7 @@ impl Generation {
     fn flush_stats(&mut self) {
         if let Some(t) = self.decode_started {
             self.stats.decode_ms = ms_since(t);
-            let steps = self.tokens.len().saturating_sub(1).max(1);
-            self.stats.decode_ms_per_token = self.stats.decode_ms / steps as f64;
+            self.stats.decode_ms_per_token = self.stats.decode_ms / self.decode_runs.max(1) as f64;
         }
         self.stats.generated_tokens = self.tokens.len();
         let (before, tail) = self.caches.split_at(self.caches.len().saturating_sub(1));
@@ -741,9 +787,9 @@ impl Generation {
         &self.tokens
     }
 
-    /// Whether generation has ended.
+    /// Whether generation has ended, normally or by an error.
     pub fn is_finished(&self) -> bool {
-        self.finished.is_some()
+        self.finished.is_some() || self.failed.is_some()
     }
 
     /// Ends the generation before it would end by itself (a pull-style caller that wants no more tokens): the
@@ -751,6 +797,7 @@ impl Generation {
     /// return `Finished`. Returns `Finished` with the text an incomplete character held back; on a generation that
     /// has already ended it changes nothing and returns `Finished` with its reason and empty text.
     pub fn stop(&mut self) -> Result<Step> {
+        self.check_not_failed()?;
         match self.finished {
             Some(reason) => Ok(Step::Finished { reason, text: String::new() }),
             None => self.finish(FinishReason::Stopped),

@@ -25,9 +25,10 @@ pub struct Stats {
     pub stage2_ms: f64,
     /// First decoder layer that sees only the Stage-2 (or FastV) selection; None when no in-decoder pruning ran.
     pub stage2_layer: Option<usize>,
-    /// All decode steps after the first token.
+    /// From the first sampled token to the end: every decoder run on a generated token, and the sampling.
     pub decode_ms: f64,
-    /// Mean time per decode step.
+    /// `decode_ms` per decoder run on a generated token (each token fed back to the model; a generation that ends
+    /// by EOS or a stop fed back all of its tokens, one ended by the limit or the context all but the last).
     pub decode_ms_per_token: f64,
     /// From the start of the request to the first sampled token.
     pub ttft_ms: f64,

@@ -404,3 +404,99 @@ fn a_model_serves_generations_from_several_threads_with_the_same_results() {
     .expect("thread");
     assert_eq!(out.tokens, alone[1].tokens);
 }
+
+#[test]
+fn a_generation_whose_step_failed_keeps_failing_instead_of_finishing() {
+    use nuwa::pipeline::FinishReason;
+    // tiny-llava-dinov2 with every embedding row NaN: the prefill runs, the sampler refuses its logits.
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("nan-embeddings-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let from = root().join("models").join("tiny-llava-dinov2");
+    for entry in std::fs::read_dir(&from).expect("fixture") {
+        let entry = entry.expect("entry");
+        if entry.file_type().expect("type").is_file() {
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+        }
+    }
+    let table = dir.join("embed_tokens.f16.bin");
+    let len = std::fs::metadata(&table).expect("table").len() as usize;
+    std::fs::write(&table, half::f16::NAN.to_le_bytes().repeat(len / 2)).expect("write");
+    let m = Model::load(&dir, &LoadOptions::default()).expect("load");
+    let mut g = m.generate(&Request { image: image(), prompt: "Describe the image.".into(), params: GenerationParams::default() }).expect("generate");
+    let first = g.step().expect_err("NaN logits").to_string();
+    assert!(first.contains("NaN"), "{first}");
+    assert!(g.is_finished());
+    // Before, the next pull reported a normal end (max_tokens) with no tokens.
+    for again in [g.step().expect_err("step after a failure"), g.stop().expect_err("stop after a failure")] {
+        let e = again.to_string();
+        assert!(e.contains("failed earlier") && e.contains(&first), "{e}");
+    }
+    let out = g.output();
+    assert_eq!(out.finish_reason, None::<FinishReason>);
+    assert!(out.tokens.is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn prepared_images_and_prefixes_stay_with_their_model_and_ignore_an_unread_seed() {
+    let limits = nuwa::image::ImageLimits::default();
+    let (clip, dino) = (model("tiny-llava-clip"), model("tiny-llava-dinov2"));
+    // Same feature width, other tower, preprocessing and resize: before, this ran and mapped boxes with the wrong
+    // geometry.
+    let prepared = dino.prepare(&image(), &limits).expect("prepare");
+    let params = GenerationParams { max_new_tokens: 2, ..Default::default() };
+    let e = clip.generate_prepared(&prepared, "What is this?", &params).err().expect("another model's image").to_string();
+    assert!(e.contains("prepared by model \"tiny-llava-dinov2\"") && e.contains("\"tiny-llava-clip\""), "{e}");
+    let prefix = dino.image_prefix(&prepared, &PruneConfig::default()).expect("prefix");
+    let e = clip.generate_with_prefix(&prefix, "What is this?", &params).err().expect("another model's prefix").to_string();
+    assert!(e.contains("prepared by model"), "{e}");
+
+    // The seed belongs to `random` alone: a prefix serves another seed for every other method, not for random.
+    let prepared = clip.prepare(&image(), &limits).expect("prepare");
+    for method in [Method::Nuwa, Method::FastV, Method::Pool, Method::Random] {
+        let prune = cfg(method, Amount::Budget(64));
+        let prefix = clip.image_prefix(&prepared, &prune).expect("prefix");
+        let params = GenerationParams { max_new_tokens: 2, prune: PruneConfig { seed: prune.seed + 1, ..prune.clone() }, ..Default::default() };
+        let r = clip.generate_with_prefix(&prefix, "What is this?", &params);
+        assert_eq!(r.is_ok(), method != Method::Random, "{method}: {:?}", r.err());
+    }
+}
+
+#[test]
+fn a_huge_token_limit_reserves_only_what_the_context_allows() {
+    // Before, the KV caches reserved prompt + max_new_tokens rows up front: 10^9 aborted the process on allocation.
+    let m = model("tiny-llava-clip");
+    for max_new_tokens in [1_000_000_000, usize::MAX] {
+        let params = GenerationParams { max_new_tokens, ..Default::default() };
+        let mut g = m.generate(&Request { image: image(), prompt: "Describe the image.".into(), params }).expect("generate");
+        for _ in 0..3 {
+            g.step().expect("step");
+        }
+        g.stop().expect("stop");
+    }
+}
+
+#[test]
+fn decode_time_per_token_divides_by_the_decoder_runs() {
+    use nuwa::pipeline::FinishReason;
+    let m = model("tiny-llava-clip");
+    let req = |max_new_tokens| Request { image: image(), prompt: "Describe the image.".into(), params: GenerationParams { max_new_tokens, ..Default::default() } };
+    // Ended by the limit: 5 tokens, the last not fed back, 4 decoder runs.
+    let mut g = m.generate(&req(5)).expect("generate");
+    g.run_to_end(|_| true).expect("decode");
+    let out = g.output();
+    assert_eq!((out.finish_reason, out.tokens.len()), (Some(FinishReason::MaxTokens), 5));
+    let runs = out.stats.decode_ms / out.stats.decode_ms_per_token;
+    assert!((runs - 4.0).abs() < 1e-6, "{runs}");
+    // Stopped after 3 tokens: each was fed back, 3 runs (before: divided by 2).
+    let mut g = m.generate(&req(50)).expect("generate");
+    for _ in 0..3 {
+        g.step().expect("step");
+    }
+    g.stop().expect("stop");
+    let out = g.output();
+    assert_eq!((out.finish_reason, out.tokens.len()), (Some(FinishReason::Stopped), 3));
+    let runs = out.stats.decode_ms / out.stats.decode_ms_per_token;
+    assert!((runs - 3.0).abs() < 1e-6, "{runs}");
+}

@@ -184,6 +184,13 @@ fn scale_to_grid(k: usize, n: usize) -> usize {
 }
 
 impl PruneConfig {
+    /// Whether `other` selects the same tokens: equal settings, with the seed compared only for `random`, the one
+    /// method that reads it (a prefix built under one sampling seed serves requests with another).
+    pub fn same_selection(&self, other: &PruneConfig) -> bool {
+        let seedless = |c: &PruneConfig| PruneConfig { seed: if c.method == Method::Random { c.seed } else { 0 }, ..c.clone() };
+        seedless(self) == seedless(other)
+    }
+
     /// Resolves the keep counts of this config on a `grid_h x grid_w` grid.
     pub fn resolve(&self, grid_h: usize, grid_w: usize) -> Result<Resolved> {
         let n = grid_h * grid_w;
