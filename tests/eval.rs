@@ -275,7 +275,11 @@ fn sweep_specs() {
     assert_eq!(s[1].amount, Amount::Budget(64));
     // Ablation options ride on the method and come back in the label.
     let d = PruneConfig::default();
-    let s = parse_sweep("nuwa+pillar=0:64,k112/112;visionzip+contextual=0+positions=original:64,128;nuwa:64;visionzip:64", &d).expect("options");
+    let s = parse_sweep(
+        "nuwa+pillar=0:64,k112/112;visionzip+contextual=0+positions=original:64,128;nuwa:64;visionzip:64;nuwa+regions=0:64;nuwa+stage2=random:64",
+        &d,
+    )
+    .expect("options");
     let labels = [
         "none",
         "nuwa+pillar=0:64",
@@ -284,6 +288,8 @@ fn sweep_specs() {
         "visionzip+positions=original+contextual=0:128",
         "nuwa:64",
         "visionzip:64",
+        "nuwa+regions=0:64",
+        "nuwa+stage2=random:64",
     ];
     assert_eq!(s.iter().map(label).collect::<Vec<_>>(), labels);
     assert_eq!((s[1].pillar_quantile, s[1].contextual, s[3].contextual, s[5].pillar_quantile), (Some(0.0), None, Some(0), None));
@@ -300,6 +306,8 @@ fn sweep_specs() {
         ("nuwa+pillar:64", "KEY=VALUE"),
         ("nuwa+pillar=x:64", "not a number"),
         ("nuwa+depth=2:64", "unknown option"),
+        ("nuwa+regions=no:64", "regions=\"no\""),
+        ("nuwa+stage2=top:64", "unknown Stage-2 selection \"top\""),
         ("nuwa:k112", "kN/M"),
         ("nuwa:k1x/2", "kN/M"),
         ("visionzip+positions=diagonal:64", "\"visionzip+positions=diagonal:64\": unknown position policy"),

@@ -205,11 +205,14 @@ fn cli_rejects_unknown_methods_and_invalid_budgets() {
     let model_dir = root().join("models/tiny-llava-clip");
     let img = root().join("examples/coco-000000000139.jpg");
     let base = ["run", "--model", model_dir.to_str().expect("utf8"), "--image", img.to_str().expect("utf8"), "--prompt", "Hi"];
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--prune", "fastest", "--budget", "64"], "unknown pruning method"),
         (&["--prune", "nuwa", "--budget", "50"], "64, 128 and 192"),
         (&["--prune", "nuwa"], "--budget"),
         (&["--prune", "nuwa", "--keep1", "4", "--keep2", "9"], "--keep2"),
+        (&["--prune", "fastv", "--budget", "64", "--stage2-select", "random"], "Nüwa options"),
+        (&["--prune", "random", "--budget", "64", "--no-region-separation"], "Nüwa options"),
+        (&["--prune", "nuwa", "--budget", "64", "--stage2-select", "best"], "unknown Stage-2 selection"),
     ];
     for (extra, needle) in cases {
         let args: Vec<&str> = base.iter().chain(extra).copied().collect();
@@ -499,4 +502,22 @@ fn decode_time_per_token_divides_by_the_decoder_runs() {
     assert_eq!((out.finish_reason, out.tokens.len()), (Some(FinishReason::Stopped), 3));
     let runs = out.stats.decode_ms / out.stats.decode_ms_per_token;
     assert!((runs - 3.0).abs() < 1e-6, "{runs}");
+}
+
+#[test]
+fn nuwa_ablations_run_through_the_pipeline() {
+    use nuwa::prune::Stage2Select;
+    let m = model("tiny-llava-clip");
+    let published = cfg(Method::Nuwa, Amount::Budget(128));
+    let (_, a) = run(&m, published.clone(), 3);
+    let (_, r) = run(&m, PruneConfig { stage2_select: Some(Stage2Select::Random), ..published.clone() }, 3);
+    // Random Stage 2: Stage 1 as published, as many Stage-2 tokens, drawn from Stage 1's, not the attention's.
+    assert_eq!(r.stats.kept_stage1, a.stats.kept_stage1);
+    assert_eq!(r.stats.kept_stage2.len(), a.stats.kept_stage2.len());
+    assert!(r.stats.kept_stage2.iter().all(|k| a.stats.kept_stage1.contains(k)));
+    assert_ne!(r.stats.kept_stage2, a.stats.kept_stage2);
+    // No region separation: as many anchors, chosen otherwise on this image.
+    let (_, g) = run(&m, PruneConfig { regions: Some(false), ..published }, 3);
+    assert_eq!(g.stats.kept_stage1.len(), a.stats.kept_stage1.len());
+    assert_ne!(g.stats.kept_stage1, a.stats.kept_stage1);
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use nuwa::pipeline::{GenerationParams, ImageInput, LoadOptions, Model, Request};
-use nuwa::prune::{Amount, Method, PositionPolicy, PruneConfig};
+use nuwa::prune::{Amount, Method, PositionPolicy, PruneConfig, Stage2Select};
 use nuwa::runtime::{Provider, Runtime};
 use nuwa::sampler::SamplerConfig;
 
@@ -127,6 +127,12 @@ struct PruneArgs {
     /// Ablation of VisionZip: contextual tokens within the budget (published: 10 per 64; 0: dominant tokens only).
     #[arg(long)]
     visionzip_contextual: Option<usize>,
+    /// Ablation of Nüwa's Stage 1: no region separation (the anchors are the global top-K by CLS attention).
+    #[arg(long)]
+    no_region_separation: bool,
+    /// Ablation of Nüwa's Stage 2: attention (published) or random (a draw seeded by --seed).
+    #[arg(long)]
+    stage2_select: Option<Stage2Select>,
 }
 
 impl PruneArgs {
@@ -143,6 +149,8 @@ impl PruneArgs {
             seed,
             pillar_quantile: self.pillar_quantile,
             contextual: self.visionzip_contextual,
+            regions: self.no_region_separation.then_some(false),
+            stage2_select: self.stage2_select,
         }
     }
 }
@@ -183,7 +191,7 @@ struct EvalArgs {
     prune: PruneArgs,
     /// Run several settings in one process: "METHOD:B1,B2;METHOD:B;none;..." (a method without budgets gets
     /// 64,128,192). Without a value: every method at 64,128,192 plus none. The none run is always included.
-    #[arg(long, num_args = 0..=1, default_missing_value = "default", conflicts_with_all = ["prune", "budget", "keep1", "keep2", "pillar_quantile", "visionzip_contextual"])]
+    #[arg(long, num_args = 0..=1, default_missing_value = "default", conflicts_with_all = ["prune", "budget", "keep1", "keep2", "pillar_quantile", "visionzip_contextual", "no_region_separation", "stage2_select"])]
     sweep: Option<String>,
     /// Write the table to OUT.md and OUT.json.
     #[arg(long)]

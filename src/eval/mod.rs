@@ -88,7 +88,8 @@ pub enum ItemEvent<'a> {
 }
 
 /// A short name for a setting: `none`, `nuwa:64`, `nuwa:k112/16`, and with an ablation option
-/// `nuwa+pillar=0:64`, `visionzip+contextual=0:64`, `visionzip+positions=original:64` (a position convention is named
+/// `nuwa+pillar=0:64`, `nuwa+regions=0:64`, `nuwa+stage2=random:64`, `visionzip+contextual=0:64`,
+/// `visionzip+positions=original:64` (a position convention is named
 /// only where it is not the method's own); the syntax [`parse_sweep`] reads.
 pub fn label(prune: &PruneConfig) -> String {
     let mut method = prune.method.to_string();
@@ -103,6 +104,12 @@ pub fn label(prune: &PruneConfig) -> String {
     }
     if let Some(c) = prune.contextual {
         method += &format!("+contextual={c}");
+    }
+    if let Some(r) = prune.regions {
+        method += if r { "+regions=1" } else { "+regions=0" };
+    }
+    if let Some(s) = prune.stage2_select {
+        method += &format!("+stage2={s}");
     }
     match prune.amount {
         Amount::All => method,
@@ -132,7 +139,25 @@ fn apply_options(entry: &str, options: &str, c: &mut PruneConfig) -> Result<()> 
                 let n: usize = value.trim().parse().map_err(|_| bad(&format!("contextual count {value:?} is not a number")))?;
                 c.contextual = Some(n);
             }
-            other => return Err(bad(&format!("unknown option {other:?}; valid: pillar=Q (nuwa), contextual=N (visionzip), positions=original|contiguous"))),
+            "regions" => {
+                c.regions = Some(match value.trim() {
+                    "0" => false,
+                    "1" => true,
+                    other => return Err(bad(&format!("regions={other:?}: 0 (no region separation) or 1"))),
+                });
+            }
+            "stage2" => {
+                c.stage2_select = Some(value.trim().parse().map_err(|e| match e {
+                    Error::InvalidRequest(m) => bad(&m),
+                    other => other,
+                })?);
+            }
+            other => {
+                return Err(bad(&format!(
+                    "unknown option {other:?}; valid: pillar=Q, regions=0|1, stage2=attention|random (nuwa), contextual=N \
+                     (visionzip), positions=original|contiguous"
+                )))
+            }
         }
     }
     Ok(())
@@ -291,7 +316,15 @@ pub fn parse_sweep(spec: &str, template: &PruneConfig) -> Result<Vec<PruneConfig
     } else {
         spec
     };
-    let make = |method, amount| PruneConfig { method, amount, pillar_quantile: None, contextual: None, ..template.clone() };
+    let make = |method, amount| PruneConfig {
+        method,
+        amount,
+        pillar_quantile: None,
+        contextual: None,
+        regions: None,
+        stage2_select: None,
+        ..template.clone()
+    };
     let mut out = vec![make(Method::None, Amount::All)];
     for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
         let (name, budgets) = match entry.split_once(':') {

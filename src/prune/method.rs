@@ -153,6 +153,43 @@ pub struct PruneConfig {
     /// dominant tokens only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contextual: Option<usize>,
+    /// Nüwa ablation: `Some(false)` turns Stage 1's region separation off, so the anchors are the global top-K by
+    /// metric (every cell of each 2x2 region a candidate), as the paper's ablation without separation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regions: Option<bool>,
+    /// Nüwa ablation: how Stage 2 picks the tokens the later layers see (published: by attention).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage2_select: Option<Stage2Select>,
+}
+
+/// How Nüwa's Stage 2 picks its tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage2Select {
+    /// The top tokens of the last prompt token's head-mean attention row (published).
+    Attention,
+    /// A seeded uniform draw among the Stage-1 tokens (the paper's random Stage-2 ablation; `seed` sets it).
+    Random,
+}
+
+impl FromStr for Stage2Select {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "attention" => Ok(Stage2Select::Attention),
+            "random" => Ok(Stage2Select::Random),
+            other => Err(Error::InvalidRequest(format!("unknown Stage-2 selection {other:?}: attention or random"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Stage2Select {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage2Select::Attention => "attention",
+            Stage2Select::Random => "random",
+        })
+    }
 }
 
 /// A config resolved against a grid: what each stage keeps.
@@ -184,10 +221,15 @@ fn scale_to_grid(k: usize, n: usize) -> usize {
 }
 
 impl PruneConfig {
-    /// Whether `other` selects the same tokens: equal settings, with the seed compared only for `random`, the one
-    /// method that reads it (a prefix built under one sampling seed serves requests with another).
+    /// Whether the selection reads `seed`: the `random` method, and Nüwa with random Stage 2.
+    pub fn uses_seed(&self) -> bool {
+        self.method == Method::Random || self.stage2_select == Some(Stage2Select::Random)
+    }
+
+    /// Whether `other` selects the same tokens: equal settings, with the seed compared only where it is read
+    /// ([`PruneConfig::uses_seed`]; a prefix built under one sampling seed serves requests with another).
     pub fn same_selection(&self, other: &PruneConfig) -> bool {
-        let seedless = |c: &PruneConfig| PruneConfig { seed: if c.method == Method::Random { c.seed } else { 0 }, ..c.clone() };
+        let seedless = |c: &PruneConfig| PruneConfig { seed: if c.uses_seed() { c.seed } else { 0 }, ..c.clone() };
         seedless(self) == seedless(other)
     }
 
@@ -203,6 +245,12 @@ impl PruneConfig {
             if !(0.0..=1.0).contains(&q) {
                 return Err(Error::InvalidRequest(format!("pillar quantile must be in [0, 1] (got {q})")));
             }
+        }
+        if (self.regions.is_some() || self.stage2_select.is_some()) && self.method != Method::Nuwa {
+            return Err(Error::InvalidRequest(format!(
+                "region separation and the Stage-2 selection are Nüwa options, not ones of {}",
+                self.method
+            )));
         }
         if self.contextual.is_some() && self.method != Method::VisionZip {
             return Err(Error::InvalidRequest(format!("contextual tokens are a VisionZip option, not one of {}", self.method)));
@@ -278,6 +326,10 @@ impl PruneConfig {
                 if let Some(q) = self.pillar_quantile {
                     cfg.pillar_quantile = q;
                 }
+                if self.regions == Some(false) {
+                    // Every cell of a region nominated: the candidates are all patches, separation is a global top-K.
+                    cfg.top_n = super::stage1::REGION * super::stage1::REGION;
+                }
                 let out = nuwa_stage1(metric()?, t.similarity.view(), t.features.view(), t.grid_h, t.grid_w, &cfg)?;
                 Stage1Result { kept: out.kept, pillar: Some(out.pillar), tokens: out.tokens }
             }
@@ -323,6 +375,11 @@ impl PruneConfig {
     pub fn stage2(&self, r: &Resolved, attention_row: &[f32], image_span: std::ops::Range<usize>) -> Result<Option<Vec<usize>>> {
         let Some(keep) = r.stage2 else { return Ok(None) };
         match self.method {
+            Method::Nuwa if self.stage2_select == Some(Stage2Select::Random) => {
+                // Checks the span against the row as the attention selection does, then draws instead.
+                nuwa_stage2(attention_row, image_span.clone(), keep)?;
+                random(image_span.len(), keep, self.seed).map(Some)
+            }
             Method::Nuwa => nuwa_stage2(attention_row, image_span, keep).map(Some),
             Method::FastV => fastv(attention_row, image_span, keep).map(Some),
             _ => Ok(None),
@@ -420,9 +477,63 @@ mod tests {
             (PruneConfig { pillar_quantile: Some(1.5), ..published.clone() }, "[0, 1]"),
             (PruneConfig { contextual: Some(1), ..cfg(Method::Nuwa, Amount::Budget(64)) }, "VisionZip option"),
             (PruneConfig { contextual: Some(999), ..vz }, "do not fit"),
+            (PruneConfig { regions: Some(false), ..cfg(Method::Random, Amount::Budget(64)) }, "Nüwa options"),
+            (PruneConfig { stage2_select: Some(Stage2Select::Random), ..cfg(Method::FastV, Amount::Budget(64)) }, "Nüwa options"),
         ] {
             let e = c.resolve(12, 12).expect_err("refused").to_string();
             assert!(e.contains(needle), "{e}");
         }
+    }
+
+    #[test]
+    fn without_region_separation_the_anchors_are_the_global_top_k() {
+        // The metric falls along the raster, so the global top-K is the first rows, whole regions at a time.
+        let metric: Vec<f32> = (0..144).map(|i| 1.0 - i as f32 / 144.0).collect();
+        let t = VisionTokens { cls_attention: Some(metric.clone()), ..tokens_12x12() };
+        let run = |c: &PruneConfig| {
+            let r = c.resolve(12, 12).expect("resolve");
+            (r, c.stage1(&r, &t).expect("stage 1"))
+        };
+        let published = cfg(Method::Nuwa, Amount::Budget(128));
+        let (r, separated) = run(&published);
+        let (r0, global) = run(&PruneConfig { regions: Some(false), ..published.clone() });
+        assert_eq!((r0.stage1, r0.stage2), (r.stage1, r.stage2), "the same counts");
+        let keep = r.stage1.expect("keep");
+        let mut want: Vec<usize> = (0..144).collect();
+        want.sort_by(|&a, &b| metric[b].total_cmp(&metric[a]).then(a.cmp(&b)));
+        want.truncate(keep);
+        want.sort_unstable();
+        assert_eq!(global.kept, want);
+        assert_eq!(want, (0..keep).collect::<Vec<_>>());
+        assert_ne!(separated.kept, want, "separation takes at most 2 cells of each 2x2 region");
+        // Explicitly on: the published selection.
+        assert_eq!(run(&PruneConfig { regions: Some(true), ..published }).1.kept, separated.kept);
+    }
+
+    #[test]
+    fn random_stage2_draws_from_the_span_by_seed() {
+        let r = cfg(Method::Nuwa, Amount::Budget(64)).resolve(24, 24).expect("resolve");
+        let row: Vec<f32> = (0..130).map(|i| i as f32).collect();
+        let span = 5..117; // 112 Stage-1 tokens
+        let pick = |select, seed| {
+            let c = PruneConfig { stage2_select: select, seed, ..cfg(Method::Nuwa, Amount::Budget(64)) };
+            c.stage2(&r, &row, span.clone()).expect("stage 2").expect("prunes")
+        };
+        // Attention: the top 16 of the row, which grows along the span.
+        assert_eq!(pick(None, 0), (96..112).collect::<Vec<_>>());
+        assert_eq!(pick(Some(Stage2Select::Attention), 3), pick(None, 0));
+        let a = pick(Some(Stage2Select::Random), 1);
+        assert_eq!(a.len(), 16);
+        assert!(a.windows(2).all(|w| w[0] < w[1]) && a.iter().all(|&k| k < 112), "{a:?}");
+        assert_eq!(a, pick(Some(Stage2Select::Random), 1), "seeded");
+        assert_ne!(a, pick(Some(Stage2Select::Random), 2));
+        assert_ne!(a, pick(None, 0));
+        // The seed matters to the prefix check only when it is read.
+        let base = PruneConfig { stage2_select: Some(Stage2Select::Random), ..cfg(Method::Nuwa, Amount::Budget(64)) };
+        assert!(!base.same_selection(&PruneConfig { seed: 9, ..base.clone() }));
+        let attention = cfg(Method::Nuwa, Amount::Budget(64));
+        assert!(attention.same_selection(&PruneConfig { seed: 9, ..attention.clone() }));
+        assert_eq!("random".parse::<Stage2Select>().expect("parse"), Stage2Select::Random);
+        assert!("top".parse::<Stage2Select>().is_err());
     }
 }

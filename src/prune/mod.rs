@@ -21,7 +21,7 @@ mod stage2;
 pub use baselines::{
     dart, divprune, fastv, pool, pool_grid, random, visionzip, visionzip_split, PooledTokens, VisionZipOutput,
 };
-pub use method::{Amount, Method, PositionPolicy, PruneConfig, Resolved, Stage1Result, METHOD_NAMES};
+pub use method::{Amount, Method, PositionPolicy, PruneConfig, Resolved, Stage1Result, Stage2Select, METHOD_NAMES};
 pub use presets::{Budget, PrunePlan, REFERENCE_TOKENS, VALID_BUDGETS};
 pub use stage1::{
     aggregate, candidate_count, default_radius_sq, nuwa_stage1, pillar_flags, proximity, quantile_linear, separate,
