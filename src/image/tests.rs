@@ -10,6 +10,37 @@ fn truncated_jpeg_is_rejected_not_filled_with_grey() {
     assert!(decode_image(&jpg, &ImageLimits::default()).is_ok());
     let err = decode_image(&jpg[..jpg.len() * 2 / 3], &ImageLimits::default()).expect_err("truncated");
     assert!(err.to_string().contains("truncated"), "{err}");
+    // Cut anywhere from the first scan on (the headers end before it), it is refused.
+    let sos = jpg.windows(2).position(|w| w == [0xFF, 0xDA]).expect("a scan");
+    for cut in (sos..jpg.len() - 1).step_by(97) {
+        assert!(decode_image(&jpg[..cut], &ImageLimits::default()).is_err(), "cut at {cut} of {}", jpg.len());
+    }
+}
+
+#[test]
+fn a_jpeg_with_data_after_its_end_is_read_like_the_image_alone() {
+    // Motion photos append a video after the JPEG's end marker; the video's bytes can hold 0xFFDA after its last
+    // 0xFFD9, which made the old check (end marker after the file's last scan marker) call the image truncated.
+    let img = image::RgbImage::from_fn(90, 60, |x, y| image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x + y) % 256) as u8]));
+    let mut jpg = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut jpg), image::ImageFormat::Jpeg)
+        .expect("encode");
+    let alone = decode_image(&jpg, &ImageLimits::default()).expect("plain");
+    let mut motion = jpg.clone();
+    motion.extend_from_slice(b"\0\0\0\x18ftypmp42\0\0\0\0");
+    motion.extend_from_slice(&[0xFF, 0xD9, 0x00, 0xFF, 0xDA, 0x12, 0x34, 0xFF, 0xD8]);
+    assert_eq!(decode_image(&motion, &ImageLimits::default()).expect("with a trailer"), alone);
+    // An EXIF-like APP1 segment holding a complete thumbnail JPEG (its own scan and end marker) before the main
+    // image: the main image cut short is still refused.
+    let mut app1 = vec![0xFF, 0xE1];
+    let body: Vec<u8> = b"Exif\0\0".iter().copied().chain(jpg.iter().copied()).collect();
+    app1.extend_from_slice(&u16::try_from(body.len() + 2).expect("small").to_be_bytes());
+    app1.extend_from_slice(&body);
+    let with_thumb: Vec<u8> = jpg[..2].iter().chain(&app1).chain(&jpg[2..]).copied().collect();
+    assert_eq!(decode_image(&with_thumb, &ImageLimits::default()).expect("thumbnail"), alone);
+    let e = decode_image(&with_thumb[..with_thumb.len() - 200], &ImageLimits::default()).expect_err("cut");
+    assert!(e.to_string().contains("truncated"), "{e}");
 }
 
 use super::*;
@@ -310,4 +341,73 @@ fn to_original_box_orders_and_clamps() {
     assert_box_close(r.to_original_box([8.0, 9.0, 2.0, -3.0]), [20.0, 0.0, 80.0, 45.0]);
     let b = r.to_original_box([f32::NAN, f32::NAN, f32::NAN, f32::NAN]);
     assert!(b.iter().all(|v| v.is_finite()), "{b:?}");
+}
+
+/// A photo-like test image: smooth gradients with a few hard edges.
+fn busy(w: u32, h: u32) -> RgbImage {
+    RgbImage::from_fn(w, h, |x, y| {
+        let edge = if (x / 7 + y / 5) % 3 == 0 { 90 } else { 0 };
+        Rgb([((x * 255) / w.max(1)) as u8, ((y * 255) / h.max(1)) as u8, (edge + (x * y) % 61) as u8])
+    })
+}
+
+fn max_and_mean_diff(a: &RgbImage, b: &RgbImage) -> (u8, f64) {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let d: Vec<u8> = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
+    (*d.iter().max().unwrap_or(&0), d.iter().map(|&v| f64::from(v)).sum::<f64>() / d.len() as f64)
+}
+
+#[test]
+fn padding_in_two_passes_matches_the_square_canvas() {
+    // The bounded-memory path of `pad` (for canvases over MAX_INTERMEDIATE_PIXELS) against the canvas path, on
+    // images small enough to take both: wide and tall, odd offsets.
+    let c = config(ResizePolicy::Pad, 336, 336);
+    for (w, h) in [(700, 211), (211, 700), (1000, 14), (337, 335)] {
+        let img = busy(w, h);
+        let side = w.max(h);
+        let (left, top) = ((side - w) / 2, (side - h) / 2);
+        let mut canvas = RgbImage::from_pixel(side, side, Rgb(c.pad_color));
+        imageops::replace(&mut canvas, &img, i64::from(left), i64::from(top));
+        let exact = imageops::resize(&canvas, 336, 336, c.interpolation.filter());
+        let (max, mean) = max_and_mean_diff(&pad_resize_in_two_passes(&img, &c, side, left, top), &exact);
+        // Measured: max 4 / 4 / 2 / 8 levels, mean 0.016 / 0.017 / 0.002 / 0.071.
+        assert!(max <= 8 && mean < 0.1, "{w}x{h}: max {max} levels, mean {mean}");
+    }
+}
+
+#[test]
+fn elongated_images_preprocess_in_bounded_memory_or_are_refused_by_name() {
+    // 16384x14 is within the decoding limits; padded to a square it would be 268M pixels.
+    let img = busy(16384, 14);
+    let pad = preprocess(&img, &config(ResizePolicy::Pad, 336, 336)).expect("pad");
+    assert_eq!(pad.pixels.shape(), &[1, 3, 336, 336]);
+    // The image is a band of about 0.3 rows in the middle: the top and bottom rows are the pad colour.
+    let c = config(ResizePolicy::Pad, 336, 336);
+    let pad_value = (f32::from(c.pad_color[0]) * c.rescale - c.mean[0]) / c.std[0];
+    assert!((pad.pixels[[0, 0, 0, 100]] - pad_value).abs() < 1e-5 && (pad.pixels[[0, 0, 335, 100]] - pad_value).abs() < 1e-5);
+    let e = preprocess(&img, &config(ResizePolicy::Crop, 336, 336)).expect_err("crop").to_string();
+    assert!(e.contains("16384x14") && e.contains("too elongated") && e.contains("393216x336"), "{e}");
+    // Stretch needs no intermediate image.
+    assert!(preprocess(&img, &config(ResizePolicy::Stretch, 336, 336)).is_ok());
+}
+
+#[test]
+fn crop_to_a_non_square_target_zooms_only_as_much_as_the_window_needs() {
+    // Before, the short side was scaled to the larger target side: a 336x224 image for a 336x224 model was zoomed to
+    // 504x336 and lost a third of each side.
+    let c = config(ResizePolicy::Crop, 336, 224);
+    let img = busy(336, 224);
+    let out = preprocess(&img, &c).expect("crop");
+    let r = out.resize;
+    assert_eq!((r.scale_x, r.scale_y, r.offset_x, r.offset_y), (1.0, 1.0, 0.0, 0.0));
+    // A taller image: the width decides (the scaled image is 336 wide and at least 224 high).
+    let r = preprocess(&busy(300, 400), &c).expect("crop").resize;
+    assert!((r.scale_x - 300.0 / 336.0).abs() < 1e-9 && r.offset_x == 0.0 && r.offset_y > 0.0, "{r:?}");
+    // Square targets are HF's shortest_edge = side, as before.
+    assert_eq!(cover_short_side(640, 480, 336, 336), 336);
+    assert_eq!(cover_short_side(480, 640, 336, 336), 336);
+    for (w, h, tw, th) in [(336, 224, 336, 224), (300, 400, 336, 224), (1000, 10, 50, 300), (7, 9, 336, 100)] {
+        let (rw, rh) = shortest_edge_size(w, h, cover_short_side(w, h, tw, th));
+        assert!(rw >= tw && rh >= th, "{w}x{h} -> {rw}x{rh} for {tw}x{th}");
+    }
 }
