@@ -27,9 +27,28 @@ fn to_i64(v: &[usize]) -> Vec<i64> {
     v.iter().map(|&x| x as i64).collect()
 }
 
-/// Writes the trace of a request into `dir` (created if needed).
+/// Removes the arrays an earlier dump listed in `dir`'s index.json, so that a reused directory holds only the new
+/// request's (a pruned run's `stage1_pillar.npy` would otherwise outlive it beside an unpruned run's arrays). Only
+/// plain `.npy` file names from the index are touched; anything else in the directory stays.
+fn remove_earlier_dump(dir: &Path) -> Result<()> {
+    let index = dir.join("index.json");
+    let Ok(text) = std::fs::read_to_string(&index) else { return Ok(()) };
+    let Ok(old) = serde_json::from_str::<serde_json::Value>(&text) else { return Ok(()) };
+    let files = old.get("arrays").and_then(|a| a.as_object()).into_iter().flat_map(|a| a.values()).filter_map(|v| v.get("file")?.as_str());
+    for name in files {
+        let plain = Path::new(name).file_name().is_some_and(|f| f == name) && name.ends_with(".npy");
+        let path = dir.join(name);
+        if plain && path.is_file() {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    std::fs::remove_file(&index).map_err(|e| Error::io(&index, e))
+}
+
+/// Writes the trace of a request into `dir` (created if needed), replacing an earlier dump there.
 pub fn write_trace(dir: &Path, trace: &Trace, extra: serde_json::Value) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    remove_earlier_dump(dir)?;
     let mut w = Writer { dir, index: serde_json::Map::new() };
     let contiguous = |what: &str| Error::Shape { what: what.into(), message: "not contiguous".into() };
     let px = &trace.pixels;

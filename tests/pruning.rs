@@ -198,6 +198,21 @@ fn cli_dump_and_viz_write_what_the_request_used() {
     }
     let png = image::open(&viz).expect("viz png");
     assert_eq!((png.width(), png.height()), (400, 266), "drawn on the original image");
+
+    // The same directory again, unpruned, from an image whose path is not UTF-8 (before: a panic after the
+    // answer, and the pruned run's stage1_pillar.npy left beside the new arrays).
+    use std::os::unix::ffi::OsStrExt;
+    let odd = dir.join(std::ffi::OsStr::from_bytes(b"t\xffiny.jpg"));
+    std::fs::copy(&img, &odd).expect("copy");
+    std::fs::write(dir.join("notes.txt"), "mine").expect("write");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_nuwa"));
+    cmd.args(["run", "--model", model_dir.to_str().expect("utf8"), "--prompt", "Describe the image.", "--max-tokens", "2", "--dump"]);
+    let out = cmd.arg(&dir).arg("--image").arg(&odd).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("index.json")).expect("index")).expect("json");
+    assert!(index["request"]["image"].as_str().expect("image").ends_with("t\u{fffd}iny.jpg"), "{}", index["request"]);
+    assert!(index["arrays"].get("stage1_pillar").is_none() && !dir.join("stage1_pillar.npy").exists(), "stale array left");
+    assert!(dir.join("stage1_kept.npy").is_file() && dir.join("notes.txt").is_file() && viz.is_file(), "only the old arrays go");
 }
 
 #[test]

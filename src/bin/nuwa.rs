@@ -350,7 +350,7 @@ fn write_artifacts(a: &RunArgs, model: &Model, generation: &nuwa::pipeline::Gene
     if let Some(dir) = &a.dump {
         let request = serde_json::json!({
             "model": model.manifest().id,
-            "image": a.image,
+            "image": a.image.to_string_lossy(),
             "prompt": a.prompt,
             "prune": prune,
             "text": out.text,

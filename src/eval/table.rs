@@ -122,12 +122,17 @@ impl Summary {
     }
 }
 
+fn lossy_path<S: serde::Serializer>(path: &Path, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&path.to_string_lossy())
+}
+
 /// The table of a sweep: one row per method and budget, the unpruned row first.
 #[derive(Debug, Clone, Serialize)]
 pub struct Table {
     /// Model id (manifest).
     pub model: String,
-    /// The data file.
+    /// The data file (written lossily where its path is not UTF-8, so the table of a finished run is never lost).
+    #[serde(serialize_with = "lossy_path")]
     pub data: PathBuf,
     /// The command that produced the table, if known.
     pub command: Option<String>,
