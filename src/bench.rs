@@ -28,17 +28,23 @@ pub struct DecodeBench {
     pub kv_bytes: usize,
 }
 
+/// Checks a [`Model::bench_decode`] request against a model of `max_positions` positions: the context takes
+/// positions `0..context` and the steps the next `steps`, so both must be positive and fit.
+pub fn check_decode_bench(context: usize, steps: usize, max_positions: usize) -> Result<()> {
+    if context == 0 || steps == 0 || context.checked_add(steps).is_none_or(|n| n > max_positions) {
+        return Err(Error::InvalidRequest(format!(
+            "context {context} + steps {steps} must be positive and at most the model's {max_positions} positions"
+        )));
+    }
+    Ok(())
+}
+
 impl Model {
     /// Prefills `context` text positions (token ids cycling through the vocabulary) and times `steps` greedy decode
     /// steps after it. The cache is appended in place, so a step's cost grows only with attention over the context.
     pub fn bench_decode(&self, context: usize, steps: usize) -> Result<DecodeBench> {
         let d = &self.manifest().decoder;
-        if context == 0 || steps == 0 || context + steps >= d.max_position_embeddings {
-            return Err(Error::InvalidRequest(format!(
-                "context {context} + steps {steps} must be positive and below max_position_embeddings {}",
-                d.max_position_embeddings
-            )));
-        }
+        check_decode_bench(context, steps, d.max_position_embeddings)?;
         let vocab = d.vocab_size as u32;
         let ids: Vec<u32> = (0..context as u32).map(|i| (i * 7919 + 13) % vocab).collect();
         let positions: Vec<i64> = (0..context as i64).collect();

@@ -123,3 +123,22 @@ fn held_out_accuracy_on_a_slice() {
     assert_eq!(vqa, 119, "VQA predictions in the file");
     assert!(malformed.len() <= 4, "{} of 119 VQA answers outside the trained formats: {malformed:?}", malformed.len());
 }
+
+#[test]
+fn bench_with_its_defaults_runs_on_the_demo_and_checks_every_context_first() {
+    // The demo has 1024 positions: the default 1024-token context did not fit, and --json lost the 64 row.
+    let model = root().join("models/nuwa-demo");
+    let m = model.to_str().expect("utf8");
+    let o = nuwa(&["bench", "--model", m, "--steps", "2", "--json"]);
+    let v = json(&o);
+    let contexts: Vec<u64> = v["decode"].as_array().expect("rows").iter().map(|r| r["context"].as_u64().expect("context")).collect();
+    assert_eq!(contexts, [64, 1022], "the longest context the model allows with 2 steps");
+    // The last position is usable: 1000 + 24 = 1024.
+    assert!(nuwa(&["bench", "--model", m, "--contexts", "1000", "--steps", "24"]).status.success());
+    for bad in [["--contexts", "64,2000"], ["--steps", "18446744073709551615"]] {
+        let o = nuwa(&[&["bench", "--model", m][..], &bad[..], &["--json"]].concat());
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{bad:?}: {stderr}");
+        assert!(stderr.contains("at most the model's 1024 positions") && o.stdout.is_empty(), "{bad:?}: {stderr}");
+    }
+}

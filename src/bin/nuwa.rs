@@ -168,9 +168,9 @@ struct InfoArgs {
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Context lengths to measure at.
-    #[arg(long, value_delimiter = ',', default_value = "64,1024")]
-    contexts: Vec<usize>,
+    /// Context lengths to measure at (default: 64 and 1024, or the longest the model allows with --steps).
+    #[arg(long, value_delimiter = ',')]
+    contexts: Option<Vec<usize>>,
     /// Timed decode steps per context.
     #[arg(long, default_value_t = 32)]
     steps: usize,
@@ -430,10 +430,23 @@ fn info(a: InfoArgs) -> Result<()> {
 
 fn bench(a: BenchArgs) -> Result<()> {
     let model = a.model.load()?;
+    let max = model.manifest().decoder.max_position_embeddings;
+    let contexts = match a.contexts {
+        Some(c) => c,
+        None => {
+            let mut c = vec![64.min(max.saturating_sub(a.steps)), 1024.min(max.saturating_sub(a.steps))];
+            c.dedup();
+            c
+        }
+    };
+    // Every context is checked before any runs, so a bad one costs no measurement already made.
+    for &context in &contexts {
+        nuwa::bench::check_decode_bench(context, a.steps, max)?;
+    }
     let mut rows = Vec::new();
-    for &context in &a.contexts {
+    for &context in &contexts {
         // One untimed warm-up pass per context so allocation and kernel selection do not count.
-        model.bench_decode(context, 2)?;
+        model.bench_decode(context, a.steps.min(2))?;
         let r = model.bench_decode(context, a.steps)?;
         if !a.json {
             outln!(
