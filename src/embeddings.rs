@@ -35,10 +35,13 @@ impl Embeddings {
             path: path.to_path_buf(),
             message: format!("cannot open the embedding table (manifest field embeddings.file): {e}"),
         })?;
+        let overflow = || Error::ModelFile { path: path.to_path_buf(), message: "embedding table size overflows".into() };
+        let row_bytes = spec.dtype.checked_row_bytes(spec.cols).ok_or_else(overflow)?;
         let need = (spec.rows as u64)
-            .checked_mul(spec.dtype.row_bytes(spec.cols) as u64)
+            .checked_mul(row_bytes as u64)
             .and_then(|n| n.checked_add(spec.offset))
-            .ok_or_else(|| Error::ModelFile { path: path.to_path_buf(), message: "embedding table size overflows".into() })?;
+            .filter(|&n| usize::try_from(n).is_ok())
+            .ok_or_else(overflow)?;
         let have = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if have < need {
             return Err(Error::ModelFile {
@@ -56,14 +59,37 @@ impl Embeddings {
             });
         }
         let map = map_readonly(&file).map_err(|e| Error::io(path, e))?;
-        Ok(Embeddings {
+        let table = Embeddings {
             map,
             offset: spec.offset as usize,
             dtype: spec.dtype,
             rows: spec.rows,
             cols: spec.cols,
             path: path.to_path_buf(),
-        })
+        };
+        table.check_q8_scales()?;
+        Ok(table)
+    }
+
+    /// A `q8_row` row's scale must be finite: an infinite one makes that row's logit +-inf (greedy decoding then
+    /// picks the token every time), a NaN one fails every request. One read per row; the tied lm_head reads every
+    /// row on the first token anyway.
+    fn check_q8_scales(&self) -> Result<()> {
+        if self.dtype != EmbeddingDtype::Q8Row {
+            return Ok(());
+        }
+        let row = self.dtype.row_bytes(self.cols);
+        for r in 0..self.rows {
+            let at = self.offset + r * row;
+            let scale = f32::from_le_bytes([self.map[at], self.map[at + 1], self.map[at + 2], self.map[at + 3]]);
+            if !scale.is_finite() {
+                return Err(Error::ModelFile {
+                    path: self.path.clone(),
+                    message: format!("embedding row {r} has scale {scale}: a q8_row table needs finite scales (a damaged file?)"),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Row count (vocabulary size).
@@ -122,7 +148,10 @@ impl Embeddings {
             return Err(Error::Shape { what: "lm_head output".into(), message: format!("{} logits from a {}-row table", out.len(), self.rows) });
         }
         if let Some(bad) = hidden.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Shape { what: "lm_head input".into(), message: format!("value {} at column {bad} is not finite", hidden[bad]) });
+            return Err(Error::Session {
+                stage: "lm_head",
+                message: format!("the decoder's final hidden state holds {} at column {bad}: its values are not finite", hidden[bad]),
+            });
         }
         match self.dtype {
             EmbeddingDtype::Q8Row => {
@@ -393,6 +422,31 @@ mod tests {
     }
 
     #[test]
+    fn q8_row_table_with_a_non_finite_scale_is_refused_at_open() {
+        // Before, +-inf reached the logits (greedy then picked that row's token) and NaN failed every request.
+        for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+            let mut bytes = Vec::new();
+            for (r, scale) in [0.5f32, 0.25, bad, 0.125].into_iter().enumerate() {
+                bytes.extend_from_slice(&scale.to_le_bytes());
+                bytes.extend([r as u8, 1, 2]);
+            }
+            let path = temp_file("nonfinite", &bytes);
+            let err = Embeddings::open(&path, &spec("t", EmbeddingDtype::Q8Row, 4, 3, 0)).unwrap_err().to_string();
+            assert!(err.contains("row 2 has scale") && err.contains("finite") && err.contains("nonfinite"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_table_size_that_overflows_is_refused() {
+        // Before, the row size wrapped around in usize and a 1-byte file passed for 1000 rows.
+        let path = temp_file("tiny", &[0u8]);
+        for (dtype, cols) in [(EmbeddingDtype::F32, usize::MAX / 4 + 1), (EmbeddingDtype::F16, usize::MAX / 2 + 1), (EmbeddingDtype::Q8Row, usize::MAX - 2)] {
+            let err = Embeddings::open(&path, &spec("t", dtype, 1000, cols, 0)).unwrap_err().to_string();
+            assert!(err.contains("overflows"), "{dtype:?}: {err}");
+        }
+    }
+
+    #[test]
     fn q8_row_table_too_short_is_named() {
         let path = temp_file("short", &[0u8; 13]); // 2 rows x 3 cols need 2 * (4 + 3) = 14 bytes
         let err = Embeddings::open(&path, &spec("t", EmbeddingDtype::Q8Row, 2, 3, 0)).unwrap_err().to_string();
@@ -435,7 +489,7 @@ mod tests {
             let mut bad = hidden.clone();
             bad[3] = f32::NAN;
             let err = e.logits_into(&bad, &mut out, None).unwrap_err().to_string();
-            assert!(err.contains("column 3 is not finite"), "{err}");
+            assert!(err.contains("lm_head") && err.contains("NaN at column 3") && !err.contains("shape"), "{err}");
         }
     }
 

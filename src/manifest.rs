@@ -121,6 +121,15 @@ pub enum EmbeddingDtype {
 }
 
 impl EmbeddingDtype {
+    /// [`EmbeddingDtype::row_bytes`], or None where it overflows.
+    pub fn checked_row_bytes(self, cols: usize) -> Option<usize> {
+        match self {
+            EmbeddingDtype::F16 => cols.checked_mul(2),
+            EmbeddingDtype::F32 => cols.checked_mul(4),
+            EmbeddingDtype::Q8Row => cols.checked_add(4),
+        }
+    }
+
     /// Bytes of one row of `cols` values.
     pub fn row_bytes(self, cols: usize) -> usize {
         match self {
