@@ -169,6 +169,11 @@ fn lines_parse_and_unknown_fields_are_ignored() {
     let item = parse_line(r#"{"image": "b.png", "kind": "vqa", "prompt": "How many?", "answer": 3, "qtype": "count"}"#, 1, base)
         .expect("vqa");
     assert_eq!(item.expected, Expected::Vqa { answer: "3".into() });
+    // A whole number written as a float (Python's json.dumps(2.0)) is that number; before, "2.0" never matched "2".
+    for (raw, want) in [("2.0", "2"), ("1e3", "1000"), ("-0.0", "0"), ("2.5", "2.5"), ("7", "7")] {
+        let line = format!(r#"{{"image": "b.png", "kind": "vqa", "prompt": "How many?", "answer": {raw}}}"#);
+        assert_eq!(parse_line(&line, 1, base).expect("vqa").expected, Expected::Vqa { answer: want.into() }, "{raw}");
+    }
     let abs = parse_line(r#"{"image": "/abs/c.png", "kind": "vqa", "prompt": "q", "answer": "no"}"#, 1, base).expect("abs");
     assert_eq!(abs.image, Path::new("/abs/c.png"));
 }
@@ -246,6 +251,11 @@ fn invalid_utf8_crlf_and_a_missing_file() {
     assert_eq!(d.items.iter().map(|i| i.line).collect::<Vec<_>>(), [1, 5]);
     assert_eq!(d.unreadable, vec![Unreadable { line: 2, reason: d.unreadable[0].reason.clone() }]);
     assert!(d.unreadable[0].reason.contains("UTF-8"));
+    // A byte-order mark before the first line (Windows editors) is not JSON: before, line 1 was "malformed".
+    let bom = tmp("bom.jsonl");
+    std::fs::write(&bom, [&b"\xef\xbb\xbf"[..], good.as_bytes(), b"\n", good.as_bytes()].concat()).expect("write");
+    let d = Dataset::load(&bom, None).expect("load");
+    assert_eq!((d.items.len(), d.unreadable.len()), (2, 0), "{:?}", d.unreadable);
     let e = Dataset::load(tmp("absent.jsonl"), None).expect_err("missing file");
     assert!(e.to_string().contains("absent.jsonl"), "{e}");
     // The OS error is in the message once and not repeated as a source (anyhow's "{:#}" prints both).
@@ -298,6 +308,10 @@ fn sweep_specs() {
     for c in &s[1..] {
         assert_eq!(parse_sweep(&label(c), &d).expect("label")[1], *c, "{}", label(c));
     }
+    // A method's own position convention named explicitly is the same setting, run once (before: two rows
+    // labelled nuwa:64, the work done twice, and --resume refusing the file).
+    let s = parse_sweep("nuwa:64;nuwa+positions=original:64;visionzip+positions=contiguous:64;visionzip:64", &d).expect("same");
+    assert_eq!(s.iter().map(label).collect::<Vec<_>>(), ["none", "nuwa:64", "visionzip:64"]);
     for (bad, needle) in [
         ("none:64", "none takes no budgets"),
         ("nuwa:6x", "not a number"),
@@ -306,6 +320,7 @@ fn sweep_specs() {
         ("nuwa+pillar:64", "KEY=VALUE"),
         ("nuwa+pillar=x:64", "not a number"),
         ("nuwa+depth=2:64", "unknown option"),
+        ("nuwa+regions=2:64", "regions=\"2\""),
         ("nuwa+regions=no:64", "regions=\"no\""),
         ("nuwa+stage2=top:64", "unknown Stage-2 selection \"top\""),
         ("nuwa:k112", "kN/M"),
@@ -402,6 +417,27 @@ fn summaries_and_the_table() {
 }
 
 #[test]
+fn a_row_scored_on_other_items_than_none_is_flagged() {
+    // A prompt that fits the context only with re-indexed positions fails under none and scores under VisionZip:
+    // the two accuracies then cover different items.
+    let none = run(Method::None, Amount::All, &[], &[true]);
+    let mut vz = run(Method::VisionZip, Amount::Budget(64), &[], &[true]);
+    vz.items.push(ItemResult { line: 2, ..item(ItemKind::Vqa, true, 20.0, 8) });
+    let same = run(Method::Pool, Amount::Budget(64), &[], &[false]);
+    let t = Table::new("m", Path::new("d.jsonl"), None, 32, 2, &[none, vz, same]);
+    let flags: Vec<bool> = t.rows.iter().map(|r| r.items_differ_from_none).collect();
+    assert_eq!(flags, [false, true, false]);
+    let md = t.markdown();
+    assert!(md.contains("| visionzip | 64 | 16 -> 8 | n/a | n/a * | 1.000 | 100.0% * |"), "{md}");
+    assert!(md.contains("\\* Scored on other items than `none`"), "{md}");
+    let v = serde_json::to_value(&t).expect("json");
+    assert_eq!((v["rows"][1]["items_differ_from_none"].as_bool(), v["rows"][2].get("items_differ_from_none")), (Some(true), None));
+    // Without such a row, no note.
+    let t = Table::new("m", Path::new("d.jsonl"), None, 32, 2, &[run(Method::None, Amount::All, &[], &[true])]);
+    assert!(!t.markdown().contains("Scored on other items"));
+}
+
+#[test]
 fn retention_is_null_when_the_unpruned_run_scores_zero() {
     let none = run(Method::None, Amount::All, &[false, false], &[false]);
     let pruned = run(Method::Random, Amount::Budget(64), &[true, false], &[false]);
@@ -484,6 +520,18 @@ fn eval_human_summary_and_predictions() {
     assert_eq!((lines[0]["line"].as_u64(), lines[0]["kind"].as_str(), lines[0]["run"].as_str()), (Some(1), Some("grounding"), Some("none")));
     assert_eq!((lines[1]["line"].as_u64(), lines[1]["kind"].as_str()), (Some(2), Some("vqa")));
     assert!(lines[1]["normalized"].is_string());
+
+    // A predictions file that cannot be written (a full disk) fails the command, but after the table is written:
+    // before, a whole sweep's results were lost.
+    let out = tmp("preds/full-disk");
+    let o = nuwa(&[
+        "eval", "--model", "models/tiny-llava-clip", "--data", data.to_str().expect("path"), "--limit", "2", "--max-tokens", "3",
+        "--sweep", "none;nuwa:k40/12", "--predictions", "/dev/full", "--out", out.to_str().expect("path"), "--quiet",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("writing --predictions /dev/full") && stderr(&o).contains("table above is complete"), "{}", stderr(&o));
+    let md = std::fs::read_to_string(tmp("preds/full-disk.md")).expect("the table was written");
+    assert!(md.contains("| nuwa | 40/12 |"), "{md}");
 }
 
 #[test]

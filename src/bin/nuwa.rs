@@ -509,9 +509,6 @@ fn eval(a: EvalArgs) -> Result<()> {
             }
         }
     })?;
-    if let (Some(e), Some(p)) = (write_error, &a.predictions) {
-        return Err(e.context(format!("writing --predictions {}", p.display())));
-    }
     for (run, label) in runs.iter().zip(&labels) {
         if settings.len() > 1 {
             let s = eval::Summary::of(run);
@@ -551,6 +548,10 @@ fn eval(a: EvalArgs) -> Result<()> {
         }
         _ if a.json => outln!("{}", serde_json::to_string_pretty(&table)?),
         _ => out!("{}", table.markdown()),
+    }
+    // The table is written first: a failed predictions file (a full disk) does not cost the sweep's results.
+    if let (Some(e), Some(p)) = (write_error, &a.predictions) {
+        return Err(e.context(format!("writing --predictions {} (the table above is complete; the file is not)", p.display())));
     }
     // A run that scored nothing is a failure, not a table of n/a: say so in the exit status.
     if table.rows.iter().all(|r| r.n_grounding + r.n_vqa == 0) {

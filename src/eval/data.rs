@@ -68,6 +68,8 @@ impl Dataset {
             }
             let line = i + 1;
             let text = match std::str::from_utf8(raw) {
+                // A byte-order mark (Windows editors write one) is not part of the first line's JSON.
+                Ok(t) if i == 0 => t.trim_start_matches('\u{feff}').trim(),
                 Ok(t) => t.trim(),
                 Err(e) => {
                     taken += 1;
@@ -152,7 +154,12 @@ fn parse_answer(v: Option<&Value>) -> std::result::Result<String, String> {
     let answer = match v {
         None => return Err("vqa item without \"answer\"".into()),
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
+        // A whole number written as a float (Python's json.dumps(2.0) gives 2.0) is that number: "2", not "2.0",
+        // which would normalise to "2 0" and never match.
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+            _ => n.to_string(),
+        },
         Some(other) => return Err(format!("\"answer\" must be a string, not {}", short(other))),
     };
     if super::metrics::normalize_answer(&answer).is_empty() {

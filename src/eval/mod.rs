@@ -357,7 +357,8 @@ pub fn parse_sweep(spec: &str, template: &PruneConfig) -> Result<Vec<PruneConfig
         for amount in amounts {
             let mut c = make(method, amount);
             apply_options(entry, options, &mut c)?;
-            if !out.contains(&c) {
+            // By label: `nuwa+positions=original` is `nuwa` (its own convention), one setting under one name.
+            if !out.iter().any(|o| label(o) == label(&c)) {
                 out.push(c);
             }
         }

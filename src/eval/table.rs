@@ -53,6 +53,10 @@ pub struct Summary {
     pub target_kept_stage1: Option<f64>,
     /// Grounding: mean share of the target's grid cells the last decoder layer saw.
     pub target_kept_stage2: Option<f64>,
+    /// Whether this run scored other items than the unpruned one (a request failed in one and not the other, e.g.
+    /// a prompt that fits the context only with re-indexed positions): its retention then compares different sets.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub items_differ_from_none: bool,
     /// Lines not scored (bad lines, missing images, failed requests).
     pub unreadable: usize,
     /// Each of them with its line number and reason.
@@ -110,6 +114,7 @@ impl Summary {
             mean_visual_tokens_after_stage1: mean(run.items.iter().map(|i| i.visual_tokens_after_stage1 as f64)),
             target_kept_stage1: mean(grounding.iter().filter_map(|i| i.target_kept_stage1)),
             target_kept_stage2: mean(grounding.iter().filter_map(|i| i.target_kept_stage2)),
+            items_differ_from_none: false,
             unreadable: run.unreadable.len(),
             unreadable_items: run.unreadable.clone(),
         }
@@ -155,9 +160,12 @@ impl Table {
     /// Builds the table from runs; retention is computed against the first `none` run (all null without one).
     pub fn new(model: &str, data: &Path, command: Option<String>, max_new_tokens: usize, items: usize, runs: &[RunResult]) -> Table {
         let mut rows: Vec<Summary> = runs.iter().map(Summary::of).collect();
-        if let Some(none) = runs.iter().position(|r| r.prune.method == Method::None).map(|i| rows[i].clone()) {
-            for r in &mut rows {
+        let scored = |run: &RunResult| run.items.iter().map(|i| i.line).collect::<std::collections::BTreeSet<_>>();
+        if let Some(n) = runs.iter().position(|r| r.prune.method == Method::None) {
+            let (none, none_items) = (rows[n].clone(), scored(&runs[n]));
+            for (r, run) in rows.iter_mut().zip(runs) {
                 r.set_retention(&none);
+                r.items_differ_from_none = scored(run) != none_items;
             }
         }
         Table { model: model.to_string(), data: data.to_path_buf(), command, max_new_tokens, items, rows }
@@ -193,9 +201,10 @@ impl Table {
                 fmt_opt(r.mean_visual_tokens_after_stage1, 0, ""),
                 fmt_opt(r.mean_visual_tokens_kept, 0, "")
             );
+            let mark = if r.items_differ_from_none { " *" } else { "" };
             let _ = writeln!(
                 s,
-                "| {} | {budget} | {tokens} | {} | {} | {} | {} | {} / {} | {} | {} / {} | {} |",
+                "| {} | {budget} | {tokens} | {} | {}{mark} | {} | {}{mark} | {} / {} | {} | {} / {} | {} |",
                 // the method with its ablation options (`nuwa+pillar=0`), as in the label
                 r.label.split(':').next().unwrap_or(&r.method),
                 fmt_opt(r.grounding_acc, 3, ""),
@@ -208,6 +217,12 @@ impl Table {
                 r.n_grounding,
                 r.n_vqa,
                 r.unreadable
+            );
+        }
+        if self.rows.iter().any(|r| r.items_differ_from_none) {
+            s.push_str(
+                "\n\\* Scored on other items than `none` (a request failed in one run and not the other; the JSON lists \
+                 which): the retention compares different sets of items.\n",
             );
         }
         s
