@@ -196,8 +196,35 @@ fn cli_dump_and_viz_write_what_the_request_used() {
         let file = index["arrays"][name]["file"].as_str().unwrap_or_else(|| panic!("index lacks {name}"));
         assert!(dir.join(file).is_file(), "{file}");
     }
-    let png = image::open(&viz).expect("viz png");
+    // The arrays hold what the request used, not only the right names: Stage 1's pillars are the tower's features
+    // at their anchors unchanged and its collectors are not; the projector output has one row per kept token.
+    let npy = |name: &str| NpyArray::read(dir.join(format!("{name}.npy"))).expect(name);
+    let (features, tokens, embeds) = (npy("vision_features").to_f32(), npy("stage1_tokens").to_f32(), npy("image_embeds").to_f32());
+    let pillar = npy("stage1_pillar");
+    let pillar: Vec<bool> = match &pillar.data {
+        nuwa::npy::NpyData::U8(v) => v.iter().map(|&b| b == 1).collect(),
+        other => panic!("pillar flags are u8, not {other:?}"),
+    };
+    let kept1 = NpyArray::read(dir.join("stage1_kept.npy")).expect("npy").to_i64().expect("i64");
+    assert_eq!(features.shape(), &[s["visual_tokens_in"].as_u64().expect("n") as usize, features.shape()[1]]);
+    assert_eq!(tokens.shape(), &[kept1.len(), features.shape()[1]]);
+    assert_eq!(embeds.shape()[0], kept1.len());
+    assert_ne!(embeds, tokens, "the projector's output, not its input");
+    assert!(pillar.iter().any(|p| *p) && pillar.iter().any(|p| !p));
+    for (r, (&k, &p)) in kept1.iter().zip(&pillar).enumerate() {
+        let same = (0..features.shape()[1]).all(|c| tokens[[r, c]] == features[[k as usize, c]]);
+        assert_eq!(same, p, "row {r} (patch {k}): pillar {p}");
+    }
+    assert_eq!(npy("prompt_positions").shape, npy("prompt_ids").shape);
+
+    // The visualisation is the photo with the pruned cells dimmed and the kept ones framed, not the photo.
+    let png = image::open(&viz).expect("viz png").to_rgb8();
     assert_eq!((png.width(), png.height()), (400, 266), "drawn on the original image");
+    let photo = image::open(&img).expect("photo").to_rgb8();
+    let brightness = |im: &image::RgbImage| im.pixels().map(|p| p.0.iter().map(|&c| f64::from(c)).sum::<f64>()).sum::<f64>();
+    assert!(brightness(&png) < 0.8 * brightness(&photo), "16 of 81 cells kept: most of the image is dimmed");
+    let yellow = |im: &image::RgbImage| im.pixels().filter(|p| p.0[0] > 220 && p.0[1] > 200 && p.0[2] < 60).count();
+    assert!(yellow(&png) > yellow(&photo) + 100, "pillar frames: {} yellow pixels against {}", yellow(&png), yellow(&photo));
 
     // The same directory again, unpruned, from an image whose path is not UTF-8 (before: a panic after the
     // answer, and the pruned run's stage1_pillar.npy left beside the new arrays).

@@ -337,6 +337,68 @@ mod tests {
     fn dart_keeps_pivots_and_dissimilar_tokens() {
         let x = Array2::from_shape_vec((4, 2), vec![5.0, 0.0, 1.0, 0.1, -1.0, 0.0, 0.0, 1.0]).unwrap();
         assert_eq!(dart(x.view(), 2, 1).unwrap(), vec![0, 2]);
+        // Two pivots, three slots: the first pivot (larger L1) takes two, the second one, each its least similar
+        // tokens among those not yet kept. Worked by hand: pivot 0 = [10, 0] takes 2 (cos -1) and 4 (-0.71);
+        // pivot 1 = [0, 8] then takes 3 (cos -1) over 6 (-0.89) and 5 (0.71).
+        let x = Array2::from_shape_vec(
+            (7, 2),
+            vec![10.0, 0.0, 0.0, 8.0, -1.0, 0.0, 0.0, -1.0, -0.7, -0.7, 1.0, 1.0, 0.5, -1.0],
+        )
+        .unwrap();
+        assert_eq!(dart(x.view(), 5, 2).unwrap(), vec![0, 1, 2, 3, 4]);
+        // With the slots the other way round it would be [0, 1, 2, 3, 6]; one slot each: 2 and 3.
+        assert_eq!(dart(x.view(), 4, 2).unwrap(), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn visionzip_merges_each_remaining_token_into_its_most_similar_target() {
+        // Recomputed here from the definition, in f64: contextual token = target's features + the mean of the
+        // features of the tokens whose similarity row is closest (cosine) to the target's. Similarity and features
+        // differ, so a merge on the wrong matrix shows.
+        let n = 12;
+        let x = Array2::from_shape_fn((n, 3), |(i, c)| ((i * 5 + c * 7) % 11) as f32 - 4.0);
+        let sim = Array2::from_shape_fn((n, 2), |(i, c)| if c == 0 { (i as f32 * 0.7).cos() } else { (i as f32 * 0.7).sin() });
+        let metric: Vec<f32> = (0..n).map(|i| ((i * 7) % 12) as f32).collect();
+        let out = visionzip(&metric, sim.view(), x.view(), 4, 3).unwrap();
+        let dominant: Vec<usize> = {
+            let mut d: Vec<usize> = (0..n).collect();
+            d.sort_by(|&a, &b| metric[b].total_cmp(&metric[a]).then(a.cmp(&b)));
+            d.truncate(4);
+            d.sort_unstable();
+            d
+        };
+        assert_eq!(out.dominant, dominant);
+        let rest: Vec<usize> = (0..n).filter(|i| !dominant.contains(i)).collect();
+        let targets: Vec<usize> = rest.iter().step_by(rest.len() / 3).take(3).copied().collect();
+        assert_eq!(out.targets, targets);
+        let cos = |a: usize, b: usize| {
+            let (ra, rb) = (sim.row(a), sim.row(b));
+            let dot: f64 = ra.iter().zip(rb.iter()).map(|(&p, &q)| f64::from(p) * f64::from(q)).sum();
+            let na: f64 = ra.iter().map(|&p| f64::from(p).powi(2)).sum::<f64>().sqrt();
+            let nb: f64 = rb.iter().map(|&p| f64::from(p).powi(2)).sum::<f64>().sqrt();
+            dot / (na * nb)
+        };
+        let mut members: Vec<Vec<usize>> = vec![Vec::new(); targets.len()];
+        for &i in rest.iter().filter(|i| !targets.contains(i)) {
+            let best = (0..targets.len()).fold(0, |b, t| if cos(i, targets[t]) > cos(i, targets[b]) { t } else { b });
+            members[best].push(i);
+        }
+        assert!(members.iter().filter(|m| !m.is_empty()).count() >= 2, "the example should spread the merge: {members:?}");
+        for (k, &t) in targets.iter().enumerate() {
+            for c in 0..3 {
+                let mean = if members[k].is_empty() {
+                    0.0
+                } else {
+                    members[k].iter().map(|&i| f64::from(x[[i, c]])).sum::<f64>() / members[k].len() as f64
+                };
+                let want = f64::from(x[[t, c]]) + mean;
+                let got = f64::from(out.tokens[[4 + k, c]]);
+                assert!((got - want).abs() < 1e-5, "target {t} col {c}: {got} vs {want} (members {:?})", members[k]);
+            }
+        }
+        for (row, &d) in dominant.iter().enumerate() {
+            assert_eq!(out.tokens.row(row), x.row(d), "dominant tokens are unchanged");
+        }
     }
 
     #[test]
