@@ -771,7 +771,7 @@ fn a_stopped_sweep_resumes_from_its_predictions_with_the_same_table() {
     assert_eq!(keys(&fresh), keys(&full_path));
 
     // Another sweep, or other data, is refused before anything runs.
-    let mut args = vec!["eval", "--model", "models/tiny-llava-clip", "--data", data, "--sweep", "none;fastv:k81/20", "--resume"];
+    let mut args = vec!["eval", "--model", "models/tiny-llava-clip", "--data", data, "--max-tokens", "3", "--sweep", "none;fastv:k81/20", "--resume"];
     args.extend(["--predictions", part.to_str().expect("utf8")]);
     let o = nuwa(&args);
     assert_eq!(o.status.code(), Some(1));
@@ -781,6 +781,17 @@ fn a_stopped_sweep_resumes_from_its_predictions_with_the_same_table() {
     let o = run(&other, &["--resume"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("made on other data"), "{}", stderr(&o));
+    // So are another model and another token limit (before, their answers were counted as this run's).
+    let sweep_arg = sweep.join("=");
+    for (model, tokens, needle) in [
+        ("models/tiny-llava-dinov2", "3", "made with model \"tiny-llava-clip\", this run uses \"tiny-llava-dinov2\""),
+        ("models/tiny-llava-clip", "5", "made with --max-tokens 3, this run uses 5"),
+    ] {
+        let preds = part.to_str().expect("utf8");
+        let o = nuwa(&["eval", "--model", model, "--data", data, "--max-tokens", tokens, &sweep_arg, "--predictions", preds, "--resume"]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{}", stderr(&o));
+    }
     let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--resume"]);
     assert_eq!(o.status.code(), Some(2), "--resume needs --predictions: {}", stderr(&o));
 }

@@ -477,12 +477,15 @@ fn eval(a: EvalArgs) -> Result<()> {
         None => vec![template],
     };
     let labels: Vec<String> = settings.iter().map(eval::label).collect();
+    // The manifest alone names the model, so a predictions file of another model is refused before loading it.
+    let manifest = nuwa::manifest::Manifest::load(&a.model.model)?;
+    let made = eval::predictions::Made { model: manifest.id.clone(), max_new_tokens: a.max_tokens };
     let mut resumed = eval::predictions::Resumed { items: vec![Vec::new(); settings.len()], complete_len: 0 };
     let mut predictions = match &a.predictions {
         Some(p) => {
             create_parent_dir(p, "--predictions")?;
             let file = if a.resume && p.is_file() {
-                resumed = eval::predictions::read(p, &data, &labels).context("--resume")?;
+                resumed = eval::predictions::read(p, &data, &labels, &made).context("--resume")?;
                 let file = std::fs::OpenOptions::new().append(true).open(p).with_context(|| format!("opening --predictions {}", p.display()))?;
                 // A line cut short when the earlier run was stopped goes; the rest is kept.
                 file.set_len(resumed.complete_len).with_context(|| format!("truncating --predictions {}", p.display()))?;
@@ -504,7 +507,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let runs = eval::evaluate_sweep_from(&model, &data, &settings, a.max_tokens, resumed.items, |i, e| {
         progress.tick(matches!(e, ItemEvent::Failed(_)));
         if let (Some(w), ItemEvent::Scored(item), None) = (predictions.as_mut(), &e, &write_error) {
-            if let Err(err) = write_prediction(w, item, &labels[i]) {
+            if let Err(err) = write_prediction(w, item, &labels[i], &made) {
                 write_error = Some(err);
             }
         }
@@ -569,8 +572,8 @@ fn create_parent_dir(path: &std::path::Path, option: &str) -> Result<()> {
 }
 
 /// Appends one scored item, with the label of its run, to the predictions file and flushes it.
-fn write_prediction(w: &mut impl Write, item: &nuwa::eval::ItemResult, run: &str) -> Result<()> {
-    writeln!(w, "{}", nuwa::eval::predictions::line(item, run)?)?;
+fn write_prediction(w: &mut impl Write, item: &nuwa::eval::ItemResult, run: &str, made: &nuwa::eval::predictions::Made) -> Result<()> {
+    writeln!(w, "{}", nuwa::eval::predictions::line(item, run, made)?)?;
     w.flush()?;
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! The `--predictions` file: one JSON object per scored item and setting, written as items are scored, and read
 //! back to resume a stopped sweep.
 //!
-//! A line is an [`ItemResult`] with the setting's [`label`](super::label) as `run`:
-//! `{"run": "nuwa:64", "line": 12, "kind": "vqa", "correct": true, "normalized": "yes", "text": " Yes", ...}`.
+//! A line is an [`ItemResult`] with the setting's [`label`](super::label) as `run`, and the [`Made`] of the run
+//! (model id and token limit): `{"run": "nuwa:64", "model": "nuwa-demo-y", "max_new_tokens": 32, "line": 12,
+//! "kind": "vqa", "correct": true, "normalized": "yes", "text": " Yes", ...}`.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -14,19 +15,33 @@ use super::metrics::ItemKind;
 use super::ItemResult;
 use crate::error::{Error, Result};
 
+/// What made a predictions file besides the settings and the data, which a resumed run must match: an answer
+/// from another model or under another token limit would be counted as this run's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Made {
+    /// The model's manifest id.
+    pub model: String,
+    /// Most tokens generated per item.
+    pub max_new_tokens: usize,
+}
+
 /// One line of the file for `item` scored under the setting labelled `run` (no trailing newline).
-pub fn line(item: &ItemResult, run: &str) -> Result<String> {
+pub fn line(item: &ItemResult, run: &str, made: &Made) -> Result<String> {
     let mut v = serde_json::to_value(item).map_err(|e| Error::InvalidRequest(format!("prediction of line {}: {e}", item.line)))?;
     if let Some(o) = v.as_object_mut() {
         o.insert("run".into(), run.into());
+        o.insert("model".into(), made.model.clone().into());
+        o.insert("max_new_tokens".into(), made.max_new_tokens.into());
     }
     Ok(v.to_string())
 }
 
-/// What a line holds, as written by [`line`].
+/// What a line holds, as written by [`line`] (files written before the model and limit were recorded lack them).
 #[derive(Deserialize)]
 struct Stored {
     run: String,
+    model: Option<String>,
+    max_new_tokens: Option<usize>,
     #[serde(flatten)]
     item: ItemResult,
 }
@@ -53,10 +68,10 @@ impl Resumed {
     }
 }
 
-/// Reads a predictions file written by an earlier run of the same sweep on the same data: every line must name one
-/// of `labels` as its run and an item of `data` of the same kind, once. A last line without its newline (cut short
+/// Reads a predictions file written by an earlier run of the same sweep on the same data, model and token limit
+/// (`made`): every line must name one of `labels` as its run and an item of `data` of the same kind, once. A last line without its newline (cut short
 /// when that run was stopped) is left out; any other line that does not parse is an error naming it.
-pub fn read(path: &Path, data: &Dataset, labels: &[String]) -> Result<Resumed> {
+pub fn read(path: &Path, data: &Dataset, labels: &[String], made: &Made) -> Result<Resumed> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let complete_len = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let text = std::str::from_utf8(&bytes[..complete_len])
@@ -69,7 +84,14 @@ pub fn read(path: &Path, data: &Dataset, labels: &[String]) -> Result<Resumed> {
         if raw.trim().is_empty() {
             continue;
         }
-        let Stored { run, item } = serde_json::from_str(raw).map_err(|e| bad(n, format!("not a prediction: {e}")))?;
+        let Stored { run, model, max_new_tokens, item } =
+            serde_json::from_str(raw).map_err(|e| bad(n, format!("not a prediction: {e}")))?;
+        if let Some(m) = model.filter(|m| *m != made.model) {
+            return Err(bad(n, format!("made with model {m:?}, this run uses {:?}; resume with the same --model", made.model)));
+        }
+        if let Some(t) = max_new_tokens.filter(|&t| t != made.max_new_tokens) {
+            return Err(bad(n, format!("made with --max-tokens {t}, this run uses {}; resume with the same", made.max_new_tokens)));
+        }
         let setting = labels.iter().position(|l| *l == run).ok_or_else(|| {
             bad(n, format!("run {run:?} is not a setting of this sweep ({}); resume with the same --sweep", labels.join(", ")))
         })?;
@@ -127,24 +149,40 @@ mod tests {
             target_kept_stage2: None,
         };
         let labels = vec!["none".to_string(), "nuwa:64".to_string()];
+        let made = Made { model: "m".into(), max_new_tokens: 32 };
         let file = dir.join("p.jsonl");
         // The second setting's line is cut short, as when a run is stopped while writing.
-        let cut = line(&grounding, "nuwa:64").unwrap();
-        let text = format!("{}\n{}\n{}", line(&grounding, "none").unwrap(), line(&vqa, "none").unwrap(), &cut[..cut.len() / 2]);
+        let cut = line(&grounding, "nuwa:64", &made).unwrap();
+        let text = format!("{}\n{}\n{}", line(&grounding, "none", &made).unwrap(), line(&vqa, "none", &made).unwrap(), &cut[..cut.len() / 2]);
         std::fs::write(&file, &text).unwrap();
-        let r = read(&file, &data, &labels).unwrap();
+        let r = read(&file, &data, &labels, &made).unwrap();
         assert_eq!(r.items, vec![vec![grounding.clone(), vqa.clone()], vec![]]);
         assert_eq!(r.complete_len as usize, text.rfind('\n').unwrap() + 1);
 
         // A prediction whose kind differs from the data's item on that line comes from other data.
         let wrong = ItemResult { kind: ItemKind::Vqa, ..grounding.clone() };
-        std::fs::write(&file, line(&wrong, "none").unwrap() + "\n").unwrap();
-        let e = read(&file, &data, &labels).unwrap_err().to_string();
+        std::fs::write(&file, line(&wrong, "none", &made).unwrap() + "\n").unwrap();
+        let e = read(&file, &data, &labels, &made).unwrap_err().to_string();
         assert!(e.contains("line 1 of") && e.contains("is a grounding item, the prediction a vqa one"), "{e}");
         // An unknown kind is not a prediction.
-        std::fs::write(&file, line(&grounding, "none").unwrap().replace("\"grounding\"", "\"caption\"") + "\n").unwrap();
-        let e = read(&file, &data, &labels).unwrap_err().to_string();
+        std::fs::write(&file, line(&grounding, "none", &made).unwrap().replace("\"grounding\"", "\"caption\"") + "\n").unwrap();
+        let e = read(&file, &data, &labels, &made).unwrap_err().to_string();
         assert!(e.contains("line 1: not a prediction") && e.contains("caption"), "{e}");
+
+        // Another model or token limit is refused by name; a line from before they were recorded is accepted.
+        let g = line(&grounding, "none", &made).unwrap();
+        for (other, needle) in [
+            (Made { model: "other".into(), max_new_tokens: 32 }, "made with model \"m\", this run uses \"other\""),
+            (Made { model: "m".into(), max_new_tokens: 8 }, "made with --max-tokens 32, this run uses 8"),
+        ] {
+            std::fs::write(&file, format!("{g}\n")).unwrap();
+            let e = read(&file, &data, &labels, &other).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        let mut old: serde_json::Value = serde_json::from_str(&g).unwrap();
+        old.as_object_mut().unwrap().retain(|k, _| k != "model" && k != "max_new_tokens");
+        std::fs::write(&file, format!("{old}\n")).unwrap();
+        assert_eq!(read(&file, &data, &labels, &Made { model: "other".into(), max_new_tokens: 1 }).unwrap().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
