@@ -454,8 +454,7 @@ impl Model {
         Ok(prefix)
     }
 
-    /// The decoder layer where `prune` acts inside the decoder: FastV at the first decoder boundary (its own early
-    /// cut when the export has one), Nüwa's Stage 2 at the split.
+    /// Refuses an image prepared by another model (its features and resize record belong to that model).
     fn check_prepared_here(&self, image: &PreparedImage) -> Result<()> {
         if image.model_id != self.manifest.id {
             return Err(Error::InvalidRequest(format!(
@@ -467,6 +466,8 @@ impl Model {
         Ok(())
     }
 
+    /// The decoder layer where `prune` acts inside the decoder: FastV at the first decoder boundary (its own early
+    /// cut when the export has one), Nüwa's Stage 2 at the split.
     fn prune_layer(&self, prune: &PruneConfig) -> usize {
         let d = &self.manifest.decoder;
         if prune.method == crate::prune::Method::FastV {

@@ -310,7 +310,11 @@ fn sweep_specs() {
     }
     // A method's own position convention named explicitly is the same setting, run once (before: two rows
     // labelled nuwa:64, the work done twice, and --resume refusing the file).
-    let s = parse_sweep("nuwa:64;nuwa+positions=original:64;visionzip+positions=contiguous:64;visionzip:64", &d).expect("same");
+    let s = parse_sweep(
+        "nuwa:64;nuwa+positions=original:64;visionzip+positions=contiguous:64;visionzip:64;nuwa+regions=1+stage2=attention:64",
+        &d,
+    )
+    .expect("same");
     assert_eq!(s.iter().map(label).collect::<Vec<_>>(), ["none", "nuwa:64", "visionzip:64"]);
     for (bad, needle) in [
         ("none:64", "none takes no budgets"),

@@ -150,7 +150,8 @@ impl PruneArgs {
             pillar_quantile: self.pillar_quantile,
             contextual: self.visionzip_contextual,
             regions: self.no_region_separation.then_some(false),
-            stage2_select: self.stage2_select,
+            // The published ranking is the default, stored as such (one setting, one label).
+            stage2_select: self.stage2_select.filter(|s| *s == Stage2Select::Random),
         }
     }
 }

@@ -30,7 +30,7 @@ pub use table::{retention, Summary, Table};
 
 use crate::error::{Error, Result};
 use crate::pipeline::{GenerationParams, ImageInput, ImagePrefix, Model};
-use crate::prune::{Amount, Method, PositionPolicy, PruneConfig};
+use crate::prune::{Amount, Method, PositionPolicy, PruneConfig, Stage2Select};
 use crate::sampler::SamplerConfig;
 
 /// The sweep `nuwa eval --sweep` runs when given no list: every method at budgets 64, 128 and 192, plus `none`.
@@ -105,11 +105,12 @@ pub fn label(prune: &PruneConfig) -> String {
     if let Some(c) = prune.contextual {
         method += &format!("+contextual={c}");
     }
-    if let Some(r) = prune.regions {
-        method += if r { "+regions=1" } else { "+regions=0" };
+    // The published values (separation on, attention ranking) are the method itself and get no option.
+    if prune.regions == Some(false) {
+        method += "+regions=0";
     }
-    if let Some(s) = prune.stage2_select {
-        method += &format!("+stage2={s}");
+    if prune.stage2_select == Some(Stage2Select::Random) {
+        method += "+stage2=random";
     }
     match prune.amount {
         Amount::All => method,
@@ -139,18 +140,20 @@ fn apply_options(entry: &str, options: &str, c: &mut PruneConfig) -> Result<()> 
                 let n: usize = value.trim().parse().map_err(|_| bad(&format!("contextual count {value:?} is not a number")))?;
                 c.contextual = Some(n);
             }
+            // The published values are stored as the default (None), so `nuwa+regions=1:64` is `nuwa:64`.
             "regions" => {
-                c.regions = Some(match value.trim() {
-                    "0" => false,
-                    "1" => true,
+                c.regions = match value.trim() {
+                    "0" => Some(false),
+                    "1" => None,
                     other => return Err(bad(&format!("regions={other:?}: 0 (no region separation) or 1"))),
-                });
+                };
             }
             "stage2" => {
-                c.stage2_select = Some(value.trim().parse().map_err(|e| match e {
+                let select: Stage2Select = value.trim().parse().map_err(|e| match e {
                     Error::InvalidRequest(m) => bad(&m),
                     other => other,
-                })?);
+                })?;
+                c.stage2_select = (select == Stage2Select::Random).then_some(select);
             }
             other => {
                 return Err(bad(&format!(
