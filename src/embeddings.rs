@@ -12,6 +12,12 @@ use crate::manifest::{EmbeddingDtype, EmbeddingSpec};
 /// Fewer rows than this per thread cost more to hand out than they save.
 const MIN_ROWS_PER_THREAD: usize = 8192;
 
+/// The scale of a `q8_row` row: its first four bytes, little-endian f32.
+#[inline(always)]
+fn q8_scale(row: &[u8]) -> f32 {
+    f32::from_le_bytes([row[0], row[1], row[2], row[3]])
+}
+
 /// A read-only, memory-mapped `[rows, cols]` table of f16, f32 or row-scaled int8.
 pub struct Embeddings {
     map: Mmap,
@@ -81,7 +87,7 @@ impl Embeddings {
         let row = self.dtype.row_bytes(self.cols);
         for r in 0..self.rows {
             let at = self.offset + r * row;
-            let scale = f32::from_le_bytes([self.map[at], self.map[at + 1], self.map[at + 2], self.map[at + 3]]);
+            let scale = q8_scale(&self.map[at..]);
             if !scale.is_finite() {
                 return Err(Error::ModelFile {
                     path: self.path.clone(),
@@ -116,7 +122,7 @@ impl Embeddings {
         let bytes = &self.map[start..start + row];
         match self.dtype {
             EmbeddingDtype::Q8Row => {
-                let scale = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                let scale = q8_scale(bytes);
                 for (o, &b) in out.iter_mut().zip(&bytes[4..]) {
                     *o = scale * f32::from(b as i8);
                 }
@@ -245,7 +251,7 @@ mod dot {
         let cols = h.len();
         let full = cols - cols % step;
         for (o, bytes) in out.iter_mut().zip(table.chunks_exact(row)) {
-            let scale = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let scale = super::q8_scale(bytes);
             let q = &bytes[4..4 + cols];
             let mut sum = dot(&q[..full], &h[..full]);
             for (&b, &x) in q[full..].iter().zip(&h[full..]) {

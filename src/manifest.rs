@@ -130,13 +130,10 @@ impl EmbeddingDtype {
         }
     }
 
-    /// Bytes of one row of `cols` values.
+    /// Bytes of one row of `cols` values ([`EmbeddingDtype::checked_row_bytes`]; a table whose row size overflows
+    /// is refused when it is opened, so this saturates rather than wraps).
     pub fn row_bytes(self, cols: usize) -> usize {
-        match self {
-            EmbeddingDtype::F16 => 2 * cols,
-            EmbeddingDtype::F32 => 4 * cols,
-            EmbeddingDtype::Q8Row => 4 + cols,
-        }
+        self.checked_row_bytes(cols).unwrap_or(usize::MAX)
     }
 
     /// Alignment the table's offset must have (the element size; 1 for the byte-addressed q8_row rows).

@@ -123,6 +123,11 @@ pub fn label(prune: &PruneConfig) -> String {
 fn apply_options(entry: &str, options: &str, c: &mut PruneConfig) -> Result<()> {
     for opt in options.split('+').map(str::trim).filter(|o| !o.is_empty()) {
         let bad = |what: &str| Error::InvalidRequest(format!("sweep entry {entry:?}: {what}"));
+        // A value's own parse error, prefixed with the entry it came from.
+        let in_entry = |e: Error| match e {
+            Error::InvalidRequest(m) => bad(&m),
+            other => other,
+        };
         let (key, value) = opt.split_once('=').ok_or_else(|| bad(&format!("option {opt:?} is not KEY=VALUE")))?;
         match key.trim() {
             "pillar" => {
@@ -130,10 +135,7 @@ fn apply_options(entry: &str, options: &str, c: &mut PruneConfig) -> Result<()> 
                 c.pillar_quantile = Some(q);
             }
             "positions" => {
-                let policy = value.trim().parse().map_err(|e| match e {
-                    Error::InvalidRequest(m) => bad(&m),
-                    other => other,
-                })?;
+                let policy = value.trim().parse().map_err(in_entry)?;
                 c.positions = Some(policy);
             }
             "contextual" => {
@@ -149,10 +151,7 @@ fn apply_options(entry: &str, options: &str, c: &mut PruneConfig) -> Result<()> 
                 };
             }
             "stage2" => {
-                let select: Stage2Select = value.trim().parse().map_err(|e| match e {
-                    Error::InvalidRequest(m) => bad(&m),
-                    other => other,
-                })?;
+                let select: Stage2Select = value.trim().parse().map_err(in_entry)?;
                 c.stage2_select = (select == Stage2Select::Random).then_some(select);
             }
             other => {

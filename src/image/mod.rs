@@ -112,7 +112,7 @@ pub struct ImageLimits {
 
 impl Default for ImageLimits {
     fn default() -> Self {
-        ImageLimits { max_pixels: 64 * 1024 * 1024, max_side: 16384, min_side: 1 }
+        ImageLimits { max_pixels: MAX_INTERMEDIATE_PIXELS, max_side: 16384, min_side: 1 }
     }
 }
 
@@ -391,7 +391,7 @@ pub fn preprocess(img: &RgbImage, config: &ImageConfig) -> Result<PixelBatch> {
 }
 
 /// The most pixels an intermediate image of preprocessing may have (the square canvas of `pad`, the scaled image
-/// of `crop`): the decoding limit's default. An image within the limits can still be elongated enough to exceed
+/// of `crop`), and the default of [`ImageLimits::max_pixels`] for decoded images. An image within the limits can still be elongated enough to exceed
 /// it (16384x14 px pads to a 16384x16384 canvas: 805 MB).
 pub const MAX_INTERMEDIATE_PIXELS: u64 = 64 * 1024 * 1024;
 
