@@ -33,7 +33,8 @@ pub struct LoadOptions {
     pub intra_threads: Option<usize>,
     /// ONNX Runtime library (None: [`crate::runtime::find_library`]).
     pub ort_library: Option<PathBuf>,
-    /// Load the unquantised vision graph (`vision.fp32_file`) instead of `vision.file`.
+    /// Load the unquantised vision graph (`vision.fp32_file`) instead of `vision.file`; a model without one is
+    /// refused, not silently run quantised.
     pub vision_fp32: bool,
 }
 
@@ -203,7 +204,21 @@ pub struct Output {
 impl Model {
     /// Loads the model directory `dir`: manifest, ONNX Runtime, sessions (validated), tokenizer, embeddings.
     pub fn load(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Arc<Model>> {
-        let manifest = Manifest::load(dir)?;
+        let mut manifest = Manifest::load(dir)?;
+        // The manifest kept (and shown by `nuwa info`) names the vision graph actually loaded.
+        if opts.vision_fp32 {
+            match manifest.vision.fp32_file.clone() {
+                Some(f) => manifest.vision.file = f,
+                None => {
+                    return Err(Error::InvalidRequest(format!(
+                        "the unquantised vision graph was asked for (--vision-fp32), but the manifest of {} names no \
+                         vision.fp32_file: this model ships only {}",
+                        manifest.dir.display(),
+                        manifest.vision.file
+                    )))
+                }
+            }
+        }
         // Cheap file checks first, so a broken directory fails before any graph is parsed.
         let emb_path = manifest.file(&manifest.embeddings.file);
         let embeddings = Arc::new(Embeddings::open(&emb_path, &manifest.embeddings)?);
@@ -216,13 +231,7 @@ impl Model {
         let runtime = Runtime::get(opts.ort_library.as_deref(), opts.intra_threads)?;
         let sopts = SessionOptions { provider: opts.provider, intra_threads: opts.intra_threads };
         let mut notes = Vec::new();
-        let mut vision_manifest = manifest.clone();
-        if opts.vision_fp32 {
-            if let Some(f) = &manifest.vision.fp32_file {
-                vision_manifest.vision.file = f.clone();
-            }
-        }
-        let vision = VisionEncoder::load(&runtime, &vision_manifest, &sopts, &mut notes)?;
+        let vision = VisionEncoder::load(&runtime, &manifest, &sopts, &mut notes)?;
         let projector = Projector::load(&runtime, &manifest, &sopts, &mut notes)?;
         let head = DecoderHalf::load(&runtime, &manifest, Half::Head, &embeddings, &sopts, &mut notes)?;
         let middle = (0..manifest.decoder.middle.len())

@@ -247,11 +247,16 @@ fn cli_rejects_unknown_methods_and_invalid_budgets() {
     let model_dir = root().join("models/tiny-llava-clip");
     let img = root().join("examples/coco-000000000139.jpg");
     let base = ["run", "--model", model_dir.to_str().expect("utf8"), "--image", img.to_str().expect("utf8"), "--prompt", "Hi"];
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["--prune", "fastest", "--budget", "64"], "unknown pruning method"),
         (&["--prune", "nuwa", "--budget", "50"], "64, 128 and 192"),
         (&["--prune", "nuwa"], "--budget"),
         (&["--prune", "nuwa", "--keep1", "4", "--keep2", "9"], "--keep2"),
+        // Checked on the counts as typed: before, 200/300 on the 81-token grid clamped to 81/81 and ran unpruned.
+        (&["--prune", "nuwa", "--keep1", "200", "--keep2", "300"], "--keep2 300 exceeds --keep1 200"),
+        // A count the method does not use is refused: before, FastV ran 81 -> 3 and DivPrune 81 -> 10.
+        (&["--prune", "fastv", "--keep1", "10", "--keep2", "3"], "FastV has no Stage 1"),
+        (&["--prune", "divprune", "--keep1", "10", "--keep2", "3"], "--keep2 must equal --keep1"),
         (&["--prune", "fastv", "--budget", "64", "--stage2-select", "random"], "Nüwa options"),
         (&["--prune", "random", "--budget", "64", "--no-region-separation"], "Nüwa options"),
         (&["--prune", "nuwa", "--budget", "64", "--stage2-select", "best"], "unknown Stage-2 selection"),
@@ -263,6 +268,27 @@ fn cli_rejects_unknown_methods_and_invalid_budgets() {
         assert!(!out.status.success(), "{extra:?} succeeded");
         assert!(stderr.contains(needle), "{extra:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn vision_fp32_loads_the_named_graph_or_is_refused() {
+    // Before, the demo (int8 tower only) ran quantised without a word, and `info` named the int8 graph on a
+    // fixture whose fp32 graph had been loaded.
+    let demo = root().join("models/nuwa-demo");
+    let img = root().join("examples/shapes-tennis.jpg");
+    let out = nuwa_cli(&["run", "--model", demo.to_str().expect("utf8"), "--image", img.to_str().expect("utf8"), "--prompt", "Hi", "--vision-fp32"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("names no vision.fp32_file") && stderr.contains("vision.int8.onnx"), "{stderr}");
+    let fixture = root().join("models/tiny-llava-clip");
+    for (extra, file) in [(None, "vision.int8.onnx"), (Some("--vision-fp32"), "vision.onnx")] {
+        let mut args = vec!["info", "--model", fixture.to_str().expect("utf8")];
+        args.extend(extra);
+        let out = nuwa_cli(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.lines().any(|l| l.starts_with("vision ") && l.contains(&format!(" {file} ("))), "{extra:?}: {stdout}");
     }
 }
 

@@ -175,7 +175,7 @@ pub enum Stage2Select {
 impl FromStr for Stage2Select {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
+        match s.to_ascii_lowercase().as_str() {
             "attention" => Ok(Stage2Select::Attention),
             "random" => Ok(Stage2Select::Random),
             other => Err(Error::InvalidRequest(format!("unknown Stage-2 selection {other:?}: attention or random"))),
@@ -275,6 +275,27 @@ impl PruneConfig {
                 Err(e) => return Err(e),
             },
             Amount::Keep { keep1, keep2 } => {
+                // Checked on the counts as given (not clamped to the grid), and per method: a count the method
+                // does not use must not be silently ignored.
+                if keep2 > keep1 {
+                    return Err(Error::InvalidRequest(format!(
+                        "--keep2 {keep2} exceeds --keep1 {keep1}: Stage 2 selects among the Stage-1 tokens"
+                    )));
+                }
+                match self.method {
+                    Method::FastV if keep1 < n => {
+                        return Err(Error::InvalidRequest(format!(
+                            "FastV has no Stage 1: --keep1 must be the full token count {n} (got {keep1}); its tokens are --keep2"
+                        )))
+                    }
+                    Method::VisionZip | Method::DivPrune | Method::Dart | Method::Pool | Method::Random if keep2 != keep1 => {
+                        return Err(Error::InvalidRequest(format!(
+                            "{} keeps one set of tokens: --keep2 must equal --keep1 (got {keep1} and {keep2})",
+                            self.method
+                        )))
+                    }
+                    _ => {}
+                }
                 if keep1 >= n && keep2 >= keep1 {
                     return Ok(none);
                 }
