@@ -65,8 +65,7 @@ impl Model {
         }
         let mean = times.iter().sum::<f64>() / times.len() as f64;
         let min = times.iter().copied().fold(f64::INFINITY, f64::min);
-        times.sort_by(f64::total_cmp);
-        let median = times[times.len() / 2];
+        let median = median(&mut times);
         Ok(DecodeBench {
             context,
             steps,
@@ -76,5 +75,30 @@ impl Model {
             min_ms_per_token: min,
             kv_bytes: caches.iter().map(|c| c.bytes_used()).sum(),
         })
+    }
+}
+
+/// The median of `values` (the mean of the two middle ones for an even count); sorts them. `values` is not empty.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_takes_the_mean_of_the_two_middle_values_for_an_even_count() {
+        // The upper middle value (the old reading) would give 3.0 and 4.0.
+        assert_eq!(median(&mut [3.0, 1.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&mut [5.0, 1.0, 3.0]), 3.0);
+        assert_eq!(median(&mut [7.5]), 7.5);
     }
 }
