@@ -398,3 +398,27 @@ fn closed_stdout_ends_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(status.success(), "{status}: {err}");
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_stderr_that_cannot_be_written_does_not_cost_the_result() {
+    // Before, every eprintln! panicked on a full or closed stderr (exit 101, nothing on stdout); `2>&1 | head`
+    // hit it in about one try of three.
+    let full = || std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+    let out = Command::new(env!("CARGO_BIN_EXE_nuwa"))
+        .args(["info", "--model", fixture().to_str().expect("utf8"), "--provider", "cuda"])
+        .stderr(full())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(FIXTURE));
+    let out = Command::new(env!("CARGO_BIN_EXE_nuwa"))
+        .args(["run", "--model", fixture().to_str().expect("utf8"), "--image", example_image().to_str().expect("utf8")])
+        .args(["--prompt", "Describe the image.", "--max-tokens", "3"])
+        .stderr(full())
+        .output()
+        .expect("run");
+    // The timing summary goes to stderr after the text; the text and the exit status stand.
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.len() > 1, "{:?}", String::from_utf8_lossy(&out.stdout));
+}

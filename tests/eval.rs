@@ -268,8 +268,12 @@ fn invalid_utf8_crlf_and_a_missing_file() {
 #[test]
 fn sweep_specs() {
     let t = PruneConfig { seed: 9, positions: Some(PositionPolicy::Original), ..Default::default() };
-    let all = parse_sweep("", &t).expect("default");
-    assert_eq!(all, parse_sweep("default", &t).expect("default"));
+    let all = parse_sweep("default", &t).expect("default");
+    // A blank spec (an unset shell variable) is refused, not taken for the longest run there is.
+    for blank in ["", "  "] {
+        let e = parse_sweep(blank, &t).unwrap_err().to_string();
+        assert!(e.contains("the sweep is empty"), "{e}");
+    }
     assert_eq!(all, parse_sweep(DEFAULT_SWEEP, &t).expect("default"));
     assert_eq!(all.len(), 1 + 7 * 3);
     assert_eq!(label(&all[0]), "none");
@@ -610,6 +614,73 @@ fn eval_rejects_bad_settings_before_running() {
     let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data, "--max-tokens", "0"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("max-tokens"), "{}", stderr(&o));
+}
+
+#[test]
+fn outputs_that_could_not_be_written_fail_before_the_model_loads() {
+    let data = mini();
+    let data_s = data.to_str().expect("path");
+    let blocker = tmp("a-file");
+    std::fs::write(&blocker, "x").expect("write");
+    let under = blocker.join("table");
+    // Before, the whole sweep ran and the table was lost at the end (exit 1, nothing on stdout).
+    let o = nuwa(&["eval", "--model", "models/absent", "--data", data_s, "--sweep", "nuwa:64", "--out", under.to_str().expect("path")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--out") && stderr(&o).contains("a-file"), "{}", stderr(&o));
+    // --predictions onto the data file used to truncate the data set.
+    let copy = tmp("data-copy.jsonl");
+    std::fs::copy(&data, &copy).expect("copy");
+    let copy_s = copy.to_str().expect("path");
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", copy_s, "--predictions", copy_s]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("is the --data file"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&copy).expect("read"), std::fs::read(&data).expect("read"), "the data file is untouched");
+    // Two outputs onto one file.
+    let stem = tmp("both");
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data_s, "--out", stem.to_str().expect("path"), "--predictions", stem.with_extension("json").to_str().expect("path")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("is also written by --out"), "{}", stderr(&o));
+    // The model is not even loaded: "models/absent" above would otherwise have been the error.
+    assert!(!stderr(&o).contains("loading model"), "{}", stderr(&o));
+}
+
+#[cfg(unix)]
+#[test]
+fn a_data_path_that_is_not_utf8_still_gets_its_table() {
+    use std::os::unix::ffi::OsStrExt;
+    // Before, recording the command line (std::env::args) panicked after the sweep had run, and no table was written.
+    let dir = tmp("non-utf8");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let name = std::ffi::OsStr::from_bytes(b"mini-\xff.jsonl");
+    let data = dir.join(name);
+    let text = std::fs::read_to_string(mini()).expect("mini");
+    // Image paths are relative to the data file: point them back at the original directory.
+    let base = mini().parent().expect("dir").to_path_buf();
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(2)
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).expect("line");
+            let img = base.join(v["image"].as_str().expect("image"));
+            v["image"] = Value::String(img.to_str().expect("path").into());
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").expect("write");
+    let stem = dir.join("table");
+    let o = Command::new(env!("CARGO_BIN_EXE_nuwa"))
+        .current_dir(root())
+        .args(["eval", "--model", "models/tiny-llava-clip", "--max-tokens", "2", "--quiet", "--sweep", "pool:64", "--out"])
+        .arg(&stem)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .expect("run nuwa");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).expect("table.json")).expect("json");
+    assert!(v["command"].as_str().is_some_and(|c| c.contains("mini-\u{fffd}.jsonl")), "{}", v["command"]);
+    assert_eq!(v["rows"].as_array().expect("rows").len(), 2);
 }
 
 #[test]

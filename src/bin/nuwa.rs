@@ -10,6 +10,14 @@ use nuwa::prune::{Amount, Method, PositionPolicy, PruneConfig, Stage2Select};
 use nuwa::runtime::{Provider, Runtime};
 use nuwa::sampler::SamplerConfig;
 
+/// `eprintln!` that never panics: a closed or full stderr (`nuwa ... 2>&1 | head`) loses the message, not the run,
+/// whose result goes to stdout and the exit status.
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "nuwa", version, about = "On-device VLM inference with Nüwa visual token pruning")]
 struct Cli {
@@ -58,7 +66,7 @@ impl ModelArgs {
         };
         let model = Model::load(&self.model, &opts).with_context(|| format!("loading model {}", self.model.display()))?;
         for note in model.provider_notes() {
-            eprintln!("nuwa: {note}");
+            errln!("nuwa: {note}");
         }
         Ok(model)
     }
@@ -245,7 +253,7 @@ fn stdout_failed(e: std::io::Error) -> ! {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         std::process::exit(0);
     }
-    eprintln!("error: cannot write to stdout: {e}");
+    errln!("error: cannot write to stdout: {e}");
     std::process::exit(1);
 }
 
@@ -258,7 +266,7 @@ fn main() {
         Command::Eval(a) => eval(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        errln!("error: {e:#}");
         std::process::exit(1);
     }
 }
@@ -277,6 +285,11 @@ fn run(a: RunArgs) -> Result<()> {
         if !matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg")) {
             anyhow::bail!("--viz {}: the file name must end in .png, .jpg or .jpeg", v.display());
         }
+        check_output_file(v, "--viz")?;
+    }
+    if let Some(dir) = &a.dump {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating --dump {}", dir.display()))?;
+        check_writable_dir(dir, "--dump", dir)?;
     }
     let prune = a.prune.config(a.seed);
     let model = a.model.load()?;
@@ -327,10 +340,10 @@ fn run(a: RunArgs) -> Result<()> {
         }
         let out = generation.output();
         for b in &out.boxes {
-            eprintln!("box (original pixels): [{:.1}, {:.1}, {:.1}, {:.1}]", b[0], b[1], b[2], b[3]);
+            errln!("box (original pixels): [{:.1}, {:.1}, {:.1}, {:.1}]", b[0], b[1], b[2], b[3]);
         }
         let s = &out.stats;
-        eprintln!(
+        errln!(
             "nuwa: {} tokens | vision {:.1} ms | prefill {:.1} ms | ttft {:.1} ms | decode {:.2} ms/token | visual tokens {} -> {} | {}",
             s.generated_tokens,
             s.vision_ms,
@@ -358,14 +371,14 @@ fn write_artifacts(a: &RunArgs, model: &Model, generation: &nuwa::pipeline::Gene
             "boxes": out.boxes,
         });
         nuwa::dump::write_trace(dir, trace, request).with_context(|| format!("writing --dump {}", dir.display()))?;
-        eprintln!("nuwa: wrote the request's tensors to {}", dir.display());
+        errln!("nuwa: wrote the request's tensors to {}", dir.display());
     }
     if let Some(path) = &a.viz {
         create_parent_dir(path, "--viz")?;
         let bytes = std::fs::read(&a.image).with_context(|| format!("reading {}", a.image.display()))?;
         let original = nuwa::image::decode_image(&bytes, &nuwa::image::ImageLimits::default())?;
         nuwa::viz::render(&original, &out.resize, trace, model.manifest().vision.patch_size, &out.boxes, path)?;
-        eprintln!("nuwa: wrote {}", path.display());
+        errln!("nuwa: wrote {}", path.display());
     }
     Ok(())
 }
@@ -471,7 +484,32 @@ fn bench(a: BenchArgs) -> Result<()> {
 
 fn eval(a: EvalArgs) -> Result<()> {
     use nuwa::eval::{self, progress::Progress, ItemEvent, Table};
+    // Recorded in the table; an argument that is not UTF-8 (a file name) is recorded lossily.
+    let command = std::iter::once("nuwa".to_string())
+        .chain(std::env::args_os().skip(1).map(|a| shell_quote(a.to_string_lossy().into_owned())))
+        .collect::<Vec<_>>()
+        .join(" ");
     let data = eval::Dataset::load(&a.data, a.limit).with_context(|| format!("reading --data {}", a.data.display()))?;
+    // Outputs are checked before any model work: a sweep takes minutes to hours, and its table must not be lost
+    // at the end to a path that could never be written, nor overwrite the data or each other.
+    let mut outputs: Vec<(&str, PathBuf)> = Vec::new();
+    if let Some(out) = &a.out {
+        let (md, json) = Table::paths(out);
+        outputs.push(("--out", md));
+        outputs.push(("--out", json));
+    }
+    if let Some(p) = &a.predictions {
+        outputs.push(("--predictions", p.clone()));
+    }
+    for (i, (option, path)) in outputs.iter().enumerate() {
+        if same_file(path, &a.data) {
+            anyhow::bail!("{option} {} is the --data file: it would be overwritten", path.display());
+        }
+        if let Some((other, _)) = outputs[..i].iter().find(|(_, p)| same_file(p, path)) {
+            anyhow::bail!("{option} {} is also written by {other}", path.display());
+        }
+        check_output_file(path, option)?;
+    }
     let template = a.prune.config(a.seed);
     let settings = match &a.sweep {
         Some(spec) => eval::parse_sweep(spec, &template)?,
@@ -480,17 +518,21 @@ fn eval(a: EvalArgs) -> Result<()> {
     let labels: Vec<String> = settings.iter().map(eval::label).collect();
     // The manifest alone names the model, so a predictions file of another model is refused before loading it.
     let manifest = nuwa::manifest::Manifest::load(&a.model.model)?;
-    let made = eval::predictions::Made { model: manifest.id.clone(), max_new_tokens: a.max_tokens };
+    let made = eval::predictions::Made {
+        model: manifest.id.clone(),
+        max_new_tokens: a.max_tokens,
+        seed: settings.iter().any(PruneConfig::uses_seed).then_some(a.seed),
+        vision_fp32: a.model.vision_fp32,
+    };
     let mut resumed = eval::predictions::Resumed { items: vec![Vec::new(); settings.len()], complete_len: 0 };
     let mut predictions = match &a.predictions {
         Some(p) => {
-            create_parent_dir(p, "--predictions")?;
             let file = if a.resume && p.is_file() {
                 resumed = eval::predictions::read(p, &data, &labels, &made).context("--resume")?;
                 let file = std::fs::OpenOptions::new().append(true).open(p).with_context(|| format!("opening --predictions {}", p.display()))?;
                 // A line cut short when the earlier run was stopped goes; the rest is kept.
                 file.set_len(resumed.complete_len).with_context(|| format!("truncating --predictions {}", p.display()))?;
-                eprintln!("nuwa eval: resuming: {} of {} item runs already in {}", resumed.len(), data.items.len() * settings.len(), p.display());
+                errln!("nuwa eval: resuming: {} of {} item runs already in {}", resumed.len(), data.items.len() * settings.len(), p.display());
                 file
             } else {
                 std::fs::File::create(p).with_context(|| format!("creating --predictions {}", p.display()))?
@@ -526,13 +568,9 @@ fn eval(a: EvalArgs) -> Result<()> {
         }
     }
     progress.finish();
-    let command = std::iter::once("nuwa".to_string()).chain(std::env::args().skip(1).map(shell_quote)).collect::<Vec<_>>().join(" ");
     let table = Table::new(&model.manifest().id, &a.data, Some(command), a.max_tokens, data.items.len(), &runs);
     report_unreadable(&table);
-    if let Some(out) = &a.out {
-        let (md, json) = table.write(out)?;
-        eprintln!("nuwa eval: wrote {} and {}", md.display(), json.display());
-    }
+    // Printed first: a failure to write --out (a full disk) does not cost the results.
     match (&a.sweep, table.rows.first()) {
         (None, Some(row)) if a.json => outln!("{}", serde_json::to_string_pretty(row)?),
         (None, Some(r)) => {
@@ -553,6 +591,10 @@ fn eval(a: EvalArgs) -> Result<()> {
         _ if a.json => outln!("{}", serde_json::to_string_pretty(&table)?),
         _ => out!("{}", table.markdown()),
     }
+    if let Some(out) = &a.out {
+        let (md, json) = table.write(out)?;
+        errln!("nuwa eval: wrote {} and {}", md.display(), json.display());
+    }
     // The table is written first: a failed predictions file (a full disk) does not cost the sweep's results.
     if let (Some(e), Some(p)) = (write_error, &a.predictions) {
         return Err(e.context(format!("writing --predictions {} (the table above is complete; the file is not)", p.display())));
@@ -562,6 +604,37 @@ fn eval(a: EvalArgs) -> Result<()> {
         anyhow::bail!("no item of {} could be scored (the unreadable lines and why are listed above)", a.data.display());
     }
     Ok(())
+}
+
+/// Fails now, before any model work, when `option`'s output file `path` could not be written at the end: its
+/// directory is created if missing and must take a new file, `path` must not be a directory, and an existing file
+/// must be writable.
+fn check_output_file(path: &std::path::Path, option: &str) -> Result<()> {
+    create_parent_dir(path, option)?;
+    if path.is_dir() {
+        anyhow::bail!("{option} {} is a directory", path.display());
+    }
+    if path.exists() {
+        std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("{option} {} cannot be written", path.display()))?;
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    check_writable_dir(dir, option, path)
+}
+
+/// Fails when no new file can be created in `dir` (for `option`'s output `path`).
+fn check_writable_dir(dir: &std::path::Path, option: &str, path: &std::path::Path) -> Result<()> {
+    let probe = dir.join(format!(".nuwa-write-check-{}", std::process::id()));
+    std::fs::File::create(&probe).with_context(|| format!("{option} {}: cannot create files in {}", path.display(), dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Whether two paths name the same file: by canonical path where both exist, else by absolute path.
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => matches!((std::path::absolute(a), std::path::absolute(b)), (Ok(x), Ok(y)) if x == y),
+    }
 }
 
 /// Creates the directory an output file named by `option` goes into, if it is missing.
@@ -602,13 +675,13 @@ fn report_unreadable(table: &nuwa::eval::Table) {
         return;
     }
     let lines: std::collections::BTreeSet<usize> = seen.keys().map(|(l, _)| *l).collect();
-    eprintln!("nuwa eval: {} unreadable line(s) in {}, not scored:", lines.len(), table.data.display());
+    errln!("nuwa eval: {} unreadable line(s) in {}, not scored:", lines.len(), table.data.display());
     let all = table.rows.len();
     for ((line, reason), runs) in seen.iter().take(SHOWN) {
         let which = if runs.len() == all { String::new() } else { format!(" (in {})", runs.join(", ")) };
-        eprintln!("  line {line}: {reason}{which}");
+        errln!("  line {line}: {reason}{which}");
     }
     if seen.len() > SHOWN {
-        eprintln!("  ... and {} more (see unreadable_items in the JSON)", seen.len() - SHOWN);
+        errln!("  ... and {} more (see unreadable_items in the JSON)", seen.len() - SHOWN);
     }
 }

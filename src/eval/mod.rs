@@ -307,13 +307,19 @@ fn run_item(model: &Arc<Model>, prefix: &ImagePrefix, prompt: &str, params: &Gen
 /// Parses a sweep: entries separated by `;`, each `METHOD` or `METHOD:B1,B2,...` (budgets as for `--budget`, or
 /// `kN/M` for `--keep1 N --keep2 M`); a method without budgets gets 64, 128 and 192, `none` takes none. The method
 /// may carry ablation options: `nuwa+pillar=0` (Stage 1's pillar quantile: 0 is no aggregation),
-/// `visionzip+contextual=0` (contextual tokens in the budget), `+positions=original|contiguous`. `default` (or an
-/// empty string) is [`DEFAULT_SWEEP`]. The `none` run is always included, first, since retention is relative to it;
-/// repeated entries run once. `template` gives the position policy (unless an entry sets one) and seed of every
-/// setting.
+/// `visionzip+contextual=0` (contextual tokens in the budget), `+positions=original|contiguous`. `default` is
+/// [`DEFAULT_SWEEP`]; an empty or blank spec is refused. The `none` run is always included, first, since retention
+/// is relative to it; repeated entries run once. `template` gives the position policy (unless an entry sets one)
+/// and seed of every setting.
 pub fn parse_sweep(spec: &str, template: &PruneConfig) -> Result<Vec<PruneConfig>> {
     let spec = spec.trim();
-    let spec = if spec.is_empty() || spec.eq_ignore_ascii_case("default") || spec.eq_ignore_ascii_case("all") {
+    // An empty list is more likely an unset shell variable than a request for the longest run there is.
+    if spec.is_empty() {
+        return Err(Error::InvalidRequest(
+            "the sweep is empty: give settings (\"nuwa:64;fastv:64\"), or \"default\" (--sweep alone) for every method at 64, 128 and 192".into(),
+        ));
+    }
+    let spec = if spec.eq_ignore_ascii_case("default") || spec.eq_ignore_ascii_case("all") {
         DEFAULT_SWEEP
     } else {
         spec

@@ -2,8 +2,9 @@
 //! back to resume a stopped sweep.
 //!
 //! A line is an [`ItemResult`] with the setting's [`label`](super::label) as `run`, and the [`Made`] of the run
-//! (model id and token limit): `{"run": "nuwa:64", "model": "nuwa-demo-y", "max_new_tokens": 32, "line": 12,
-//! "kind": "vqa", "correct": true, "normalized": "yes", "text": " Yes", ...}`.
+//! (model id, token limit, the seed where a setting draws from it, the vision graph): `{"run": "nuwa:64", "model":
+//! "nuwa-demo-y", "max_new_tokens": 32, "vision_fp32": false, "line": 12, "kind": "vqa", "correct": true,
+//! "normalized": "yes", "text": " Yes", ...}`.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -16,13 +17,20 @@ use super::ItemResult;
 use crate::error::{Error, Result};
 
 /// What made a predictions file besides the settings and the data, which a resumed run must match: an answer
-/// from another model or under another token limit would be counted as this run's.
+/// from another model, under another token limit, another seed of a seeded setting or the other vision graph
+/// would be counted as this run's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Made {
     /// The model's manifest id.
     pub model: String,
     /// Most tokens generated per item.
     pub max_new_tokens: usize,
+    /// The `--seed`, where a setting of the sweep draws from it ([`PruneConfig::uses_seed`]); None otherwise.
+    ///
+    /// [`PruneConfig::uses_seed`]: crate::prune::PruneConfig::uses_seed
+    pub seed: Option<u64>,
+    /// Whether the unquantised vision graph ran (`--vision-fp32`).
+    pub vision_fp32: bool,
 }
 
 /// One line of the file for `item` scored under the setting labelled `run` (no trailing newline).
@@ -32,16 +40,23 @@ pub fn line(item: &ItemResult, run: &str, made: &Made) -> Result<String> {
         o.insert("run".into(), run.into());
         o.insert("model".into(), made.model.clone().into());
         o.insert("max_new_tokens".into(), made.max_new_tokens.into());
+        if let Some(seed) = made.seed {
+            o.insert("seed".into(), seed.into());
+        }
+        o.insert("vision_fp32".into(), made.vision_fp32.into());
     }
     Ok(v.to_string())
 }
 
-/// What a line holds, as written by [`line`] (files written before the model and limit were recorded lack them).
+/// What a line holds, as written by [`line`] (files written before the model, limit, seed and vision graph were
+/// recorded lack them).
 #[derive(Deserialize)]
 struct Stored {
     run: String,
     model: Option<String>,
     max_new_tokens: Option<usize>,
+    seed: Option<u64>,
+    vision_fp32: Option<bool>,
     #[serde(flatten)]
     item: ItemResult,
 }
@@ -68,8 +83,8 @@ impl Resumed {
     }
 }
 
-/// Reads a predictions file written by an earlier run of the same sweep on the same data, model and token limit
-/// (`made`): every line must name one of `labels` as its run and an item of `data` of the same kind, once. A last line without its newline (cut short
+/// Reads a predictions file written by an earlier run of the same sweep on the same data, model, token limit,
+/// seed and vision graph (`made`): every line must name one of `labels` as its run and an item of `data` of the same kind, once. A last line without its newline (cut short
 /// when that run was stopped) is left out; any other line that does not parse is an error naming it.
 pub fn read(path: &Path, data: &Dataset, labels: &[String], made: &Made) -> Result<Resumed> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -84,13 +99,22 @@ pub fn read(path: &Path, data: &Dataset, labels: &[String], made: &Made) -> Resu
         if raw.trim().is_empty() {
             continue;
         }
-        let Stored { run, model, max_new_tokens, item } =
+        let Stored { run, model, max_new_tokens, seed, vision_fp32, item } =
             serde_json::from_str(raw).map_err(|e| bad(n, format!("not a prediction: {e}")))?;
         if let Some(m) = model.filter(|m| *m != made.model) {
             return Err(bad(n, format!("made with model {m:?}, this run uses {:?}; resume with the same --model", made.model)));
         }
         if let Some(t) = max_new_tokens.filter(|&t| t != made.max_new_tokens) {
             return Err(bad(n, format!("made with --max-tokens {t}, this run uses {}; resume with the same", made.max_new_tokens)));
+        }
+        if let (Some(was), Some(now)) = (seed, made.seed) {
+            if was != now {
+                return Err(bad(n, format!("made with --seed {was}, this run uses {now}; resume with the same")));
+            }
+        }
+        if let Some(was) = vision_fp32.filter(|&v| v != made.vision_fp32) {
+            let graph = |fp32: bool| if fp32 { "the fp32 vision graph (--vision-fp32)" } else { "the quantised vision graph" };
+            return Err(bad(n, format!("made with {}, this run uses {}; resume with the same", graph(was), graph(made.vision_fp32))));
         }
         let setting = labels.iter().position(|l| *l == run).ok_or_else(|| {
             bad(n, format!("run {run:?} is not a setting of this sweep ({}); resume with the same --sweep", labels.join(", ")))
@@ -149,7 +173,7 @@ mod tests {
             target_kept_stage2: None,
         };
         let labels = vec!["none".to_string(), "nuwa:64".to_string()];
-        let made = Made { model: "m".into(), max_new_tokens: 32 };
+        let made = Made { model: "m".into(), max_new_tokens: 32, seed: Some(7), vision_fp32: false };
         let file = dir.join("p.jsonl");
         // The second setting's line is cut short, as when a run is stopped while writing.
         let cut = line(&grounding, "nuwa:64", &made).unwrap();
@@ -169,20 +193,24 @@ mod tests {
         let e = read(&file, &data, &labels, &made).unwrap_err().to_string();
         assert!(e.contains("line 1: not a prediction") && e.contains("caption"), "{e}");
 
-        // Another model or token limit is refused by name; a line from before they were recorded is accepted.
+        // Another model, token limit, seed or vision graph is refused by name; a line from before they were recorded
+        // is accepted.
         let g = line(&grounding, "none", &made).unwrap();
         for (other, needle) in [
-            (Made { model: "other".into(), max_new_tokens: 32 }, "made with model \"m\", this run uses \"other\""),
-            (Made { model: "m".into(), max_new_tokens: 8 }, "made with --max-tokens 32, this run uses 8"),
+            (Made { model: "other".into(), ..made.clone() }, "made with model \"m\", this run uses \"other\""),
+            (Made { max_new_tokens: 8, ..made.clone() }, "made with --max-tokens 32, this run uses 8"),
+            (Made { seed: Some(8), ..made.clone() }, "made with --seed 7, this run uses 8"),
+            (Made { vision_fp32: true, ..made.clone() }, "made with the quantised vision graph, this run uses the fp32"),
         ] {
             std::fs::write(&file, format!("{g}\n")).unwrap();
             let e = read(&file, &data, &labels, &other).unwrap_err().to_string();
             assert!(e.contains(needle), "{e}");
         }
         let mut old: serde_json::Value = serde_json::from_str(&g).unwrap();
-        old.as_object_mut().unwrap().retain(|k, _| k != "model" && k != "max_new_tokens");
+        old.as_object_mut().unwrap().retain(|k, _| !["model", "max_new_tokens", "seed", "vision_fp32"].contains(&k.as_str()));
         std::fs::write(&file, format!("{old}\n")).unwrap();
-        assert_eq!(read(&file, &data, &labels, &Made { model: "other".into(), max_new_tokens: 1 }).unwrap().len(), 1);
+        let other = Made { model: "other".into(), max_new_tokens: 1, seed: Some(1), vision_fp32: true };
+        assert_eq!(read(&file, &data, &labels, &other).unwrap().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

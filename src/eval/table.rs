@@ -228,21 +228,27 @@ impl Table {
         s
     }
 
-    /// Writes `<stem>.md` and `<stem>.json` (a trailing `.md` or `.json` on `stem` is dropped), creating the
-    /// directory; returns both paths.
-    pub fn write(&self, stem: &Path) -> Result<(PathBuf, PathBuf)> {
+    /// The two files [`Table::write`] writes for `stem`: `STEM.md` and `STEM.json` (a stem ending in `.md` or
+    /// `.json` loses that extension first).
+    pub fn paths(stem: &Path) -> (PathBuf, PathBuf) {
         let stem = match stem.extension().and_then(|e| e.to_str()) {
             Some("md" | "json") => stem.with_extension(""),
             _ => stem.to_path_buf(),
         };
-        if let Some(dir) = stem.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
         let mut md = stem.clone().into_os_string();
         md.push(".md");
         let mut json = stem.into_os_string();
         json.push(".json");
-        let (md, json) = (PathBuf::from(md), PathBuf::from(json));
+        (PathBuf::from(md), PathBuf::from(json))
+    }
+
+    /// Writes `<stem>.md` and `<stem>.json` (a trailing `.md` or `.json` on `stem` is dropped), creating the
+    /// directory; returns both paths.
+    pub fn write(&self, stem: &Path) -> Result<(PathBuf, PathBuf)> {
+        let (md, json) = Table::paths(stem);
+        if let Some(dir) = md.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
         std::fs::write(&md, self.markdown()).map_err(|e| Error::io(&md, e))?;
         let text = serde_json::to_string_pretty(self).map_err(|e| Error::InvalidRequest(format!("serialising the table: {e}")))?;
         std::fs::write(&json, text + "\n").map_err(|e| Error::io(&json, e))?;
