@@ -111,6 +111,20 @@ pub fn find_library() -> Option<PathBuf> {
     None
 }
 
+/// A load error with the dynamic loader's own reason (ort prints only "dlopen failed" and keeps `dlerror`'s text,
+/// such as a missing dependency or a wrong ELF class, in the error's source).
+fn load_error_text(e: &ort::LoadDynamicError) -> String {
+    let mut text = e.to_string();
+    if let ort::LoadDynamicError::Dlopen { error, .. } = e {
+        let mut source = std::error::Error::source(error);
+        while let Some(s) = source {
+            text += &format!(": {s}");
+            source = s.source();
+        }
+    }
+    text
+}
+
 /// The most intra-op threads a pool may have. ONNX Runtime starts every thread of a pool up front; far above the
 /// core count (100,000, a typo's worth) that takes minutes and gigabytes before anything runs.
 pub const MAX_INTRA_THREADS: usize = 1024;
@@ -151,7 +165,7 @@ impl Runtime {
                 path.display()
             )));
         }
-        let builder = ort::init_from(&path).map_err(|e| Error::Runtime(format!("cannot load {}: {e}", path.display())))?;
+        let builder = ort::init_from(&path).map_err(|e| Error::Runtime(format!("cannot load {}: {}", path.display(), load_error_text(&e))))?;
         let threads = threads.filter(|&n| n > 0).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let rt_err = |e: ort::Error| Error::Runtime(format!("cannot create the environment: {e}"));
         let pool = GlobalThreadPoolOptions::default()

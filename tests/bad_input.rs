@@ -321,6 +321,9 @@ fn a_file_that_is_not_onnxruntime_is_explained() {
         .output()
         .expect("run");
     assert_fails(&out, &["cannot load", "libonnxruntime.so"]);
+    // The loader's own reason, not only "dlopen failed" (glibc: "file too short" for this 20-byte file).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("file too short") || stderr.contains("invalid ELF header"), "{stderr}");
 }
 
 #[test]
