@@ -1,9 +1,9 @@
 //! `cargo bench --bench stage1`: Nüwa Stage-1 time on LLaVA-1.5-sized inputs (576 tokens, 1024-wide features) for
 //! each budget, next to the vision encoder time it saves on.
 //!
-//! The encoder timed is the real DINOv2-small tower at 336 px (576 tokens) when `onnx/demo` has exported it to
-//! `.cache/dinov2-336/` (or `NUWA_BENCH_VISION=path.onnx`); otherwise the committed fixture's tower. Reports numbers;
-//! asserts nothing about speed.
+//! The encoder timed is `NUWA_BENCH_VISION=path.onnx`, else the demo model's tower (the real DINOv2-small int8 at
+//! 336 px, 576 tokens, committed under models/nuwa-demo), else the fixture's. Reports numbers; asserts nothing
+//! about speed.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -57,7 +57,8 @@ fn main() -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let vision = std::env::var_os("NUWA_BENCH_VISION")
         .map(PathBuf::from)
-        .or_else(|| Some(root.join(".cache/dinov2-336/vision.int8.onnx")).filter(|p| p.is_file()))
+        // The demo model's tower is the real DINOv2-small int8 at 336 px (576 tokens), committed with the repository.
+        .or_else(|| Some(root.join("models/nuwa-demo/vision.int8.onnx")).filter(|p| p.is_file()))
         .unwrap_or_else(|| root.join("models/tiny-llava-clip/vision.int8.onnx"));
     let rt = Runtime::get(None, None)?;
     let mut opened = rt.open("vision", &vision, "bench vision graph", &SessionOptions::default())?;
