@@ -2,16 +2,18 @@
 # The main job: installs ONNX Runtime if missing, builds nuwa, and asks the committed demo model (models/nuwa-demo,
 # or MODEL=models/<id>) for the box of a shape in an example photo no training image used, with Nüwa pruning at
 # budget 64; prints the answer and the box in original-image pixels and draws the kept tokens and the box to
-# out/demo-viz.png. IMAGE / PROMPT / PRUNE override the defaults; extra arguments go to `nuwa run`.
+# out/demo-viz.png. IMAGE / PROMPT / PRUNE override the defaults (paths relative to the repository root); extra
+# arguments go to `nuwa run` and win over the script's own (`--budget 128`, `--viz other.png`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup-ort.sh >&2
-cargo build --release --quiet
 model="${MODEL:-models/nuwa-demo}"
 image="${IMAGE:-examples/shapes-red-blue-stars.jpg}"
 prompt="${PROMPT:-Please provide the bounding box coordinate of the region this sentence describes: the blue star.}"
 mkdir -p out
-# Nüwa pruning at budget 64 (PRUNE="--prune none" to switch it off).
+# Nüwa pruning at budget 64 (PRUNE="--prune none", or PRUNE= empty, to switch it off).
+# `cargo run` builds and runs the binary wherever the target directory is (CARGO_TARGET_DIR, build.target-dir)
+# and sets ORT_DYLIB_PATH from .cargo/config.toml.
 # shellcheck disable=SC2086
-exec target/release/nuwa run --model "$model" --image "$image" --prompt "$prompt" ${PRUNE:---prune nuwa --budget 64} \
-  --viz out/demo-viz.png "$@"
+exec cargo run --release --quiet --bin nuwa -- run --model "$model" --image "$image" --prompt "$prompt" \
+  ${PRUNE---prune nuwa --budget 64} --viz out/demo-viz.png "$@"

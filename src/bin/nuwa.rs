@@ -19,7 +19,7 @@ macro_rules! errln {
 }
 
 #[derive(Parser)]
-#[command(name = "nuwa", version, about = "On-device VLM inference with Nüwa visual token pruning")]
+#[command(name = "nuwa", version, about = "On-device VLM inference with Nüwa visual token pruning", args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -257,7 +257,7 @@ impl PruneConfig {
         }
         if self.method == Method::None {
             if self.amount != Amount::All {
-                return Err(Error::InvalidRequest("--budget/--keep1/--keep2 need a pruning method (--prune)".into()));
+                return Err(Error::InvalidRequest("--budget/--keep1/--keep2 need a pruning method (--prune METHOD other than none)".into()));
             }
             return Ok(none);
         }
