@@ -228,7 +228,9 @@ pub struct PooledTokens {
 
 /// The largest `out_h x out_w` grid with at most `keep` cells and about the input's aspect ratio.
 pub fn pool_grid(grid_h: usize, grid_w: usize, keep: usize) -> (usize, usize) {
-    let oh = ((keep as f64 * grid_h as f64 / grid_w.max(1) as f64).sqrt().floor() as usize).clamp(1, grid_h.max(1));
+    // Rows capped at `keep` too: on a grid taller than `keep` times its width the aspect ratio alone would give
+    // more rows than cells allowed (20x1 at keep 10 gave 14x1).
+    let oh = ((keep as f64 * grid_h as f64 / grid_w.max(1) as f64).sqrt().floor() as usize).clamp(1, grid_h.max(1)).min(keep.max(1));
     let ow = (keep / oh).clamp(1, grid_w.max(1));
     (oh, ow)
 }
@@ -244,7 +246,8 @@ pub fn pool(
     out_h: usize,
     out_w: usize,
 ) -> Result<PooledTokens> {
-    super::require_len("pool features", features.nrows(), grid_h * grid_w)?;
+    let n = super::grid_tokens("pool", grid_h, grid_w)?;
+    super::require_len("pool features", features.nrows(), n)?;
     require_keep("pool", out_h.min(out_w))?;
     let (oh, ow) = (out_h.min(grid_h), out_w.min(grid_w));
     let d = features.ncols();
@@ -410,6 +413,28 @@ mod tests {
         assert_eq!(pool_grid(24, 24, 64), (8, 8));
         let id = pool(x.view(), 4, 4, 9, 9).unwrap();
         assert_eq!(id.tokens, x);
+    }
+
+    #[test]
+    fn pool_grid_never_exceeds_keep_on_tall_or_wide_grids() {
+        // Before, the rows came from the aspect ratio alone: 20x1 at keep 10 gave 14x1, 24x6 at keep 1 gave 2x1.
+        assert_eq!(pool_grid(20, 1, 10), (10, 1));
+        assert_eq!(pool_grid(24, 6, 1), (1, 1));
+        assert_eq!(pool_grid(8, 2, 1), (1, 1));
+        for (h, w) in [(1, 1), (1, 30), (30, 1), (24, 6), (6, 24), (5, 7), (24, 24)] {
+            for keep in 1..=h * w {
+                let (oh, ow) = pool_grid(h, w, keep);
+                assert!(oh * ow <= keep && oh <= h && ow <= w, "{h}x{w} keep {keep}: {oh}x{ow}");
+            }
+        }
+    }
+
+    #[test]
+    fn pool_refuses_a_grid_whose_size_overflows() {
+        // Before, 2^32 x 2^32 wrapped to 0 rows in release and indexed out of bounds.
+        let z = Array2::<f32>::zeros((0, 2));
+        let e = pool(z.view(), 1 << 32, 1 << 32, 1, 1).unwrap_err().to_string();
+        assert!(e.contains("more than"), "{e}");
     }
 
     proptest! {

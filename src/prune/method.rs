@@ -235,7 +235,7 @@ impl PruneConfig {
 
     /// Resolves the keep counts of this config on a `grid_h x grid_w` grid.
     pub fn resolve(&self, grid_h: usize, grid_w: usize) -> Result<Resolved> {
-        let n = grid_h * grid_w;
+        let n = super::grid_tokens("pruning", grid_h, grid_w)?;
         let positions = self.positions.unwrap_or(self.method.published_positions());
         let none = Resolved { stage1: None, top_n: 1, stage2: None, positions };
         if let Some(q) = self.pillar_quantile {
@@ -416,6 +416,14 @@ fn dart_pivots(keep: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grid_too_large_is_refused_quickly() {
+        // Before, 2^32 x 2^32 wrapped to 0 in release and the preset's candidate count looped for minutes.
+        let c = PruneConfig { method: Method::Nuwa, amount: Amount::Budget(64), ..PruneConfig::default() };
+        let e = c.resolve(1 << 32, 1 << 32).unwrap_err().to_string();
+        assert!(e.contains("more than"), "{e}");
+    }
 
     fn cfg(method: Method, amount: Amount) -> PruneConfig {
         PruneConfig { method, amount, positions: None, seed: 0, ..Default::default() }

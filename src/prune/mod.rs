@@ -69,6 +69,21 @@ pub fn top_k_sorted(scores: &[f32], k: usize) -> Vec<usize> {
     kept
 }
 
+/// The most patches a grid may have (4096 x 4096): far above any vision tower's, and small enough that the
+/// per-patch tables and loops stay bounded whatever dimensions a library (or FFI) caller passes.
+pub const MAX_GRID_TOKENS: usize = 1 << 24;
+
+/// `grid_h * grid_w`, refused when a side is 0 or the product exceeds [`MAX_GRID_TOKENS`] (or overflows).
+fn grid_tokens(what: &str, grid_h: usize, grid_w: usize) -> Result<usize> {
+    match grid_h.checked_mul(grid_w) {
+        Some(n) if n > 0 && n <= MAX_GRID_TOKENS => Ok(n),
+        Some(0) => Err(Error::InvalidRequest(format!("{what}: empty patch grid {grid_h}x{grid_w}"))),
+        _ => Err(Error::InvalidRequest(format!(
+            "{what}: patch grid {grid_h}x{grid_w} has more than {MAX_GRID_TOKENS} patches"
+        ))),
+    }
+}
+
 /// Fails with [`Error::InvalidRequest`] when a keep count is zero.
 fn require_keep(what: &str, keep: usize) -> Result<()> {
     if keep == 0 {

@@ -12,7 +12,8 @@
 //! 1), `top_n` is unchanged, and the Stage-1 keep is capped at the candidate count (`regions * top_n`). The decoder's
 //! layer count and split come from the manifest and do not change the keep counts; [`PrunePlan::average_tokens`]
 //! reports the resulting average over layers ("budget 64" is `(112*16 + 16*16)/32`).
-//! Explicit keep counts pick `top_n = ceil(keep1 / regions)` (clamped to 1..=4), which reproduces the presets.
+//! Explicit keep counts pick the smallest `top_n` (1..=4) whose candidates cover `keep1` (`ceil(keep1 / regions)` on
+//! grids of whole 2x2 regions), which reproduces the presets.
 
 use std::fmt;
 use std::str::FromStr;
@@ -71,9 +72,8 @@ impl Budget {
 
     /// The plan for a `grid_h x grid_w` patch grid (the published numbers on 24x24, scaled elsewhere).
     pub fn plan(self, grid_h: usize, grid_w: usize) -> Result<PrunePlan> {
-        check_grid(grid_h, grid_w)?;
+        let n = check_grid(grid_h, grid_w)?;
         let (top_n, k1, k2) = self.reference();
-        let n = grid_h * grid_w;
         let scale = |k: usize| ((k * n) as f64 / REFERENCE_TOKENS as f64).round().max(1.0) as usize;
         let keep1 = scale(k1).min(candidate_count(grid_h, grid_w, top_n));
         let keep2 = scale(k2).min(keep1);
@@ -110,9 +110,9 @@ pub struct PrunePlan {
 }
 
 impl PrunePlan {
-    /// A plan from explicit keep counts; `top_n = ceil(keep1 / regions)` clamped to 1..=4.
+    /// A plan from explicit keep counts; `top_n` is the smallest (1..=4) whose candidates cover `keep1`.
     pub fn explicit(grid_h: usize, grid_w: usize, keep1: usize, keep2: usize) -> Result<Self> {
-        check_grid(grid_h, grid_w)?;
+        let n = check_grid(grid_h, grid_w)?;
         if keep1 == 0 || keep2 == 0 {
             return Err(Error::InvalidRequest(format!(
                 "keep counts must be at least 1 (got --keep1 {keep1} --keep2 {keep2})"
@@ -123,8 +123,11 @@ impl PrunePlan {
                 "--keep2 {keep2} exceeds --keep1 {keep1}: Stage 2 selects among the Stage-1 tokens"
             )));
         }
-        let regions = grid_h.div_ceil(REGION) * grid_w.div_ceil(REGION);
-        let top_n = keep1.div_ceil(regions).clamp(1, REGION * REGION);
+        // `ceil(keep1 / regions)` assumes every 2x2 region is full; the partial regions of an odd grid offer fewer
+        // candidates, and Stage 1 would keep fewer than asked (5x7 at 30 kept 29).
+        let top_n = (1..=REGION * REGION)
+            .find(|&t| candidate_count(grid_h, grid_w, t) >= keep1.min(n))
+            .unwrap_or(REGION * REGION);
         Ok(PrunePlan { top_n, keep1, keep2 })
     }
 
@@ -145,16 +148,40 @@ impl PrunePlan {
     }
 }
 
-fn check_grid(grid_h: usize, grid_w: usize) -> Result<()> {
-    if grid_h == 0 || grid_w == 0 {
-        return Err(Error::InvalidRequest(format!("empty patch grid {grid_h}x{grid_w}")));
-    }
-    Ok(())
+fn check_grid(grid_h: usize, grid_w: usize) -> Result<usize> {
+    super::grid_tokens("pruning plan", grid_h, grid_w)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prune::stage1::separate;
+
+    #[test]
+    fn explicit_counts_are_kept_exactly_on_odd_grids() {
+        // Before, top_n = ceil(keep1 / regions) assumed full 2x2 regions: 5x7 at 30 kept 29, 3x3 at 8 kept 7.
+        for h in 1..=11 {
+            for w in 1..=11 {
+                let n = h * w;
+                let metric: Vec<f32> = (0..n).map(|i| ((i * 37) % 101) as f32).collect();
+                for keep1 in 1..n {
+                    let plan = PrunePlan::explicit(h, w, keep1, 1).unwrap();
+                    assert_eq!(separate(&metric, h, w, plan.top_n, keep1).unwrap().len(), keep1, "{h}x{w} keep {keep1}");
+                }
+            }
+        }
+        // Grids of whole regions keep ceil(keep1 / regions), which reproduces the presets.
+        assert_eq!([112, 224, 336].map(|k| PrunePlan::explicit(24, 24, k, 16).unwrap().top_n), [1, 2, 3]);
+    }
+
+    #[test]
+    fn grids_too_large_are_refused_not_wrapped() {
+        for (h, w) in [(1usize << 32, 1usize << 32), (5000, 5000)] {
+            let e = Budget::B64.plan(h, w).unwrap_err().to_string();
+            assert!(e.contains("more than"), "{e}");
+            assert!(PrunePlan::explicit(h, w, 10, 2).is_err());
+        }
+    }
 
     #[test]
     fn presets_on_24x24_are_the_published_numbers() {

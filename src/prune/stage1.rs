@@ -17,7 +17,7 @@
 
 use ndarray::{Array2, ArrayView2, Axis};
 
-use super::{normalize_row, require_keep, require_len, top_k_of};
+use super::{grid_tokens, normalize_row, require_keep, require_len, top_k_of};
 use crate::error::{Error, Result};
 
 /// Side of the square separation regions (2x2 in every variant of the official code).
@@ -82,16 +82,14 @@ pub fn candidate_count(grid_h: usize, grid_w: usize, top_n: usize) -> usize {
 }
 
 fn check_grid(metric_len: usize, grid_h: usize, grid_w: usize, top_n: usize) -> Result<()> {
-    if grid_h == 0 || grid_w == 0 {
-        return Err(Error::InvalidRequest(format!("stage 1: empty patch grid {grid_h}x{grid_w}")));
-    }
+    let n = grid_tokens("stage 1", grid_h, grid_w)?;
     if !(1..=REGION * REGION).contains(&top_n) {
         return Err(Error::InvalidRequest(format!(
             "stage 1: top_n per region must be 1..={} (got {top_n})",
             REGION * REGION
         )));
     }
-    require_len("stage-1 metric", metric_len, grid_h * grid_w)
+    require_len("stage-1 metric", metric_len, n)
 }
 
 /// Region separation: each 2x2 region's `top_n` by metric, then the global top `keep`, sorted in raster order.
@@ -138,8 +136,11 @@ pub fn quantile_linear(values: &[f32], q: f64) -> f64 {
     }
 }
 
-/// Pillar flags for kept anchors: `metric[k] >= quantile_linear(kept metrics, q)` (compared in f64).
+/// Pillar flags for kept anchors: `metric[k] >= quantile_linear(kept metrics, q)` (compared in f64); `q` in [0, 1].
 pub fn pillar_flags(metric: &[f32], kept: &[usize], q: f64) -> Result<Vec<bool>> {
+    if !(0.0..=1.0).contains(&q) {
+        return Err(Error::InvalidRequest(format!("stage 1: pillar quantile must be in [0, 1] (got {q})")));
+    }
     let scores = kept
         .iter()
         .map(|&k| {
@@ -185,7 +186,7 @@ pub fn aggregate(
     grid_w: usize,
     radius_sq: f64,
 ) -> Result<Array2<f32>> {
-    let n = grid_h * grid_w;
+    let n = grid_tokens("stage-1 aggregation", grid_h, grid_w)?;
     require_len("stage-1 similarity", similarity.nrows(), n)?;
     require_len("stage-1 features", features.nrows(), n)?;
     require_len("stage-1 pillar flags", pillar.len(), kept.len())?;
@@ -265,7 +266,7 @@ pub fn nuwa_stage1(
             cfg.pillar_quantile
         )));
     }
-    let n = grid_h * grid_w;
+    let n = grid_h * grid_w; // checked by check_grid
     require_len("stage-1 similarity", similarity.nrows(), n)?;
     require_len("stage-1 features", features.nrows(), n)?;
     if cfg.keep >= n {
@@ -343,6 +344,24 @@ mod tests {
         assert_eq!(candidate_count(7, 9, 4), 63);
         assert_eq!(candidate_count(7, 9, 2), 12 * 2 + 4 * 2 + 3 * 2 + 1);
         assert_eq!(candidate_count(1, 1, 3), 1);
+    }
+
+    #[test]
+    fn grids_too_large_or_out_of_range_quantiles_are_refused() {
+        // Before, 2^33 x 2^31 wrapped in release and `separate` looped over 2^62 regions; 2^32 x 2^32 wrapped to
+        // an empty grid that Stage 1 "kept" entirely.
+        let z = Array2::<f32>::zeros((0, 2));
+        let e = separate(&[], 1 << 33, 1 << 31, 1, 1).unwrap_err().to_string();
+        assert!(e.contains("more than"), "{e}");
+        let e = nuwa_stage1(&[], z.view(), z.view(), 1 << 32, 1 << 32, &Stage1Config::new(4, 4, 1, 3)).unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
+        let e = aggregate(&[], &[], z.view(), z.view(), 1 << 32, 1 << 32, 280.0).unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
+        // pillar_flags used to clamp -1 to 0 (every anchor a pillar) and return no pillars for NaN.
+        for q in [f64::NAN, -1.0, 1.5] {
+            assert!(pillar_flags(&[1.0, 2.0], &[0, 1], q).is_err(), "{q}");
+        }
+        assert_eq!(pillar_flags(&[1.0, 2.0], &[0, 1], 0.0).unwrap(), vec![true, true]);
     }
 
     #[test]
