@@ -166,9 +166,13 @@ fn lines_parse_and_unknown_fields_are_ignored() {
     assert_eq!(item.image, Path::new("/data/a.jpg"));
     assert_eq!(item.prompt, "p");
     assert_eq!(item.expected, Expected::Grounding { bbox: [1.0, 2.5, 30.0, 40.0] });
+    assert_eq!(item.qtype, None);
     let item = parse_line(r#"{"image": "b.png", "kind": "vqa", "prompt": "How many?", "answer": 3, "qtype": "count"}"#, 1, base)
         .expect("vqa");
     assert_eq!(item.expected, Expected::Vqa { answer: "3".into() });
+    assert_eq!(item.qtype.as_deref(), Some("count"));
+    let e = parse_line(r#"{"image": "b.png", "kind": "vqa", "prompt": "q", "answer": "no", "qtype": 3}"#, 1, base).unwrap_err();
+    assert!(e.contains("\"qtype\" must be a string"), "{e}");
     // A whole number written as a float (Python's json.dumps(2.0)) is that number; before, "2.0" never matched "2".
     for (raw, want) in [("2.0", "2"), ("1e3", "1000"), ("-0.0", "0"), ("2.5", "2.5"), ("7", "7")] {
         let line = format!(r#"{{"image": "b.png", "kind": "vqa", "prompt": "How many?", "answer": {raw}}}"#);
@@ -357,6 +361,7 @@ fn item(kind: ItemKind, correct: bool, ttft: f64, kept: usize) -> ItemResult {
         visual_tokens_after_stage1: kept * 2,
         target_kept_stage1: grounding.then_some(if correct { 1.0 } else { 0.5 }),
         target_kept_stage2: grounding.then_some(if correct { 0.5 } else { 0.0 }),
+        qtype: None,
     }
 }
 
@@ -422,6 +427,36 @@ fn summaries_and_the_table() {
     assert_eq!(v["rows"][2]["grounding_retention"], Value::Null);
     assert_eq!(v["rows"][2]["unreadable_items"][0]["line"], 4);
     assert_eq!(v["rows"].as_array().map(Vec::len), Some(3));
+}
+
+#[test]
+fn accuracy_and_retention_by_item_type_when_the_data_has_qtype() {
+    let typed = |mut r: RunResult, types: &[&str]| {
+        for (i, q) in r.items.iter_mut().zip(types) {
+            i.qtype = Some(q.to_string());
+        }
+        r
+    };
+    // Grounding: attr, attr, position, a|b; VQA: count, count.
+    let types = ["attr", "attr", "position", "a|b", "count", "count"];
+    let none = typed(run(Method::None, Amount::All, &[true, true, false, true], &[true, false]), &types);
+    let nuwa = typed(run(Method::Nuwa, Amount::Budget(64), &[true, false, true, false], &[true, true]), &types);
+    let t = Table::new("m", Path::new("d.jsonl"), None, 32, 6, &[none, nuwa]);
+    let attr = &t.rows[1].by_qtype["grounding/attr"];
+    assert_eq!((attr.n, attr.correct, attr.acc, attr.retention), (2, 1, Some(0.5), Some(50.0)));
+    let pos = &t.rows[1].by_qtype["grounding/position"];
+    assert_eq!((pos.acc, pos.retention), (Some(1.0), None), "unpruned 0 on the type: no retention");
+    assert_eq!(t.rows[1].by_qtype["vqa/count"].retention, Some(200.0));
+    let md = t.markdown();
+    assert!(md.contains("| method | budget | grounding/attr (n=2) | grounding/a\\|b (n=1) | grounding/position (n=1) | vqa/count (n=2) |"), "{md}");
+    assert!(md.contains("| none | - | 1.000 | 1.000 | 0.000 | 0.500 |"), "{md}");
+    assert!(md.contains("| nuwa | 64 | 0.500 (50%) | 0.000 (0%) | 1.000 (n/a) | 1.000 (200%) |"), "{md}");
+    let v = serde_json::to_value(&t).expect("json");
+    assert_eq!(v["rows"][1]["by_qtype"]["vqa/count"]["correct"], 2);
+    // Data without types: no breakdown, in the markdown or the JSON.
+    let t = Table::new("m", Path::new("d.jsonl"), None, 32, 2, &[run(Method::None, Amount::All, &[true], &[true])]);
+    assert!(!t.markdown().contains("By item type"));
+    assert!(serde_json::to_value(&t).expect("json")["rows"][0].get("by_qtype").is_none());
 }
 
 #[test]

@@ -595,7 +595,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         let (md, json) = table.write(out)?;
         errln!("nuwa eval: wrote {} and {}", md.display(), json.display());
     }
-    // The table is written first: a failed predictions file (a full disk) does not cost the sweep's results.
+    // The table is printed and written first: a failed predictions file (a full disk) does not cost the results.
     if let (Some(e), Some(p)) = (write_error, &a.predictions) {
         return Err(e.context(format!("writing --predictions {} (the table above is complete; the file is not)", p.display())));
     }

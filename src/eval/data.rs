@@ -29,6 +29,9 @@ pub struct EvalItem {
     pub prompt: String,
     /// What counts as right.
     pub expected: Expected,
+    /// The item's type, from the optional `"qtype"` field (`"attr"`, `"count"`, ...): the table breaks accuracy and
+    /// retention down by it.
+    pub qtype: Option<String>,
 }
 
 /// A line (or, during a run, an item) that could not be scored, and why.
@@ -133,7 +136,11 @@ pub fn parse_line(text: &str, line: usize, base: &Path) -> std::result::Result<E
         "vqa" => Expected::Vqa { answer: parse_answer(obj.get("answer"))? },
         other => return Err(format!("unknown kind {other:?} (expected \"grounding\" or \"vqa\")")),
     };
-    Ok(EvalItem { line, image, prompt, expected })
+    let qtype = match obj.get("qtype") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(string("qtype")?.trim().to_string()),
+    };
+    Ok(EvalItem { line, image, prompt, expected, qtype })
 }
 
 fn parse_bbox(v: Option<&Value>) -> std::result::Result<[f64; 4], String> {

@@ -12,7 +12,8 @@
 //!   the answer counts).
 //! - Decoding is greedy; every item is one independent request.
 //! - Tables ([`table`]): per method and budget, accuracies, retention (`acc / acc_none` in %, null when the unpruned
-//!   accuracy is 0 or undefined), mean TTFT and mean visual tokens after Stage 1 and after Stage 2.
+//!   accuracy is 0 or undefined), mean TTFT and mean visual tokens after Stage 1 and after Stage 2; where the data
+//!   gives items an optional `"qtype"`, accuracy and retention per `kind/qtype` too.
 
 pub mod data;
 pub mod metrics;
@@ -26,7 +27,7 @@ use serde::Serialize;
 
 pub use data::{Dataset, EvalItem, Unreadable};
 pub use metrics::{check_box_in_image, iou, kept_share, normalize_answer, score, target_cells, Expected, ItemKind, Score, BOX_EDGE_TOLERANCE, IOU_THRESHOLD};
-pub use table::{retention, Summary, Table};
+pub use table::{retention, Summary, Table, TypeSummary};
 
 use crate::error::{Error, Result};
 use crate::pipeline::{GenerationParams, ImageInput, ImagePrefix, Model};
@@ -65,6 +66,9 @@ pub struct ItemResult {
     /// Grounding: the same share among the tokens the last decoder layer saw (after Stage 2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_kept_stage2: Option<f64>,
+    /// The item's type from the data ([`EvalItem::qtype`]), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qtype: Option<String>,
 }
 
 /// Everything one pruning setting gave on a dataset.
@@ -278,6 +282,7 @@ pub fn evaluate_sweep_from(
                             target_kept_stage1: kept_share(&target, &s.kept_stage1),
                             target_kept_stage2: kept_share(&target, &s.kept_stage2),
                             text: out.text,
+                            qtype: item.qtype.clone(),
                         };
                         on_item(i, ItemEvent::Scored(&result));
                         run.items.push(result);

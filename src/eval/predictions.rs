@@ -91,7 +91,8 @@ pub fn read(path: &Path, data: &Dataset, labels: &[String], made: &Made) -> Resu
     let complete_len = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let text = std::str::from_utf8(&bytes[..complete_len])
         .map_err(|e| Error::InvalidRequest(format!("{}: not UTF-8: {e}", path.display())))?;
-    let kinds: HashMap<usize, ItemKind> = data.items.iter().map(|i| (i.line, i.expected.kind())).collect();
+    let kinds: HashMap<usize, (ItemKind, Option<&String>)> =
+        data.items.iter().map(|i| (i.line, (i.expected.kind(), i.qtype.as_ref()))).collect();
     let mut items: Vec<Vec<ItemResult>> = vec![Vec::new(); labels.len()];
     let mut seen = HashSet::new();
     let bad = |n: usize, why: String| Error::InvalidRequest(format!("{} line {n}: {why}", path.display()));
@@ -99,7 +100,7 @@ pub fn read(path: &Path, data: &Dataset, labels: &[String], made: &Made) -> Resu
         if raw.trim().is_empty() {
             continue;
         }
-        let Stored { run, model, max_new_tokens, seed, vision_fp32, item } =
+        let Stored { run, model, max_new_tokens, seed, vision_fp32, mut item } =
             serde_json::from_str(raw).map_err(|e| bad(n, format!("not a prediction: {e}")))?;
         if let Some(m) = model.filter(|m| *m != made.model) {
             return Err(bad(n, format!("made with model {m:?}, this run uses {:?}; resume with the same --model", made.model)));
@@ -120,8 +121,9 @@ pub fn read(path: &Path, data: &Dataset, labels: &[String], made: &Made) -> Resu
             bad(n, format!("run {run:?} is not a setting of this sweep ({}); resume with the same --sweep", labels.join(", ")))
         })?;
         match kinds.get(&item.line) {
-            Some(k) if *k == item.kind => {}
-            Some(k) => return Err(bad(n, format!("line {} of {} is a {k} item, the prediction a {} one: made on other data?", item.line, data.path.display(), item.kind))),
+            // The type is the data's (files written before it was recorded lack it).
+            Some((k, qtype)) if *k == item.kind => item.qtype = qtype.cloned(),
+            Some((k, _)) => return Err(bad(n, format!("line {} of {} is a {k} item, the prediction a {} one: made on other data?", item.line, data.path.display(), item.kind))),
             None => return Err(bad(n, format!("line {} is not a usable item of {}: made on other data?", item.line, data.path.display()))),
         }
         if !seen.insert((setting, item.line)) {
@@ -138,7 +140,7 @@ mod tests {
     use crate::eval::{EvalItem, Expected, Score};
 
     fn item(line: usize, expected: Expected) -> EvalItem {
-        EvalItem { line, image: "a.jpg".into(), prompt: "p".into(), expected }
+        EvalItem { line, image: "a.jpg".into(), prompt: "p".into(), expected, qtype: None }
     }
 
     #[test]
@@ -147,7 +149,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let data = Dataset {
             path: dir.join("data.jsonl"),
-            items: vec![item(1, Expected::Grounding { bbox: [1.0, 2.0, 30.0, 40.0] }), item(3, Expected::Vqa { answer: "yes".into() })],
+            items: vec![
+                item(1, Expected::Grounding { bbox: [1.0, 2.0, 30.0, 40.0] }),
+                // A type in the data reaches the items read back, whether the file recorded it or not.
+                EvalItem { qtype: Some("exist".into()), ..item(3, Expected::Vqa { answer: "yes".into() }) },
+            ],
             unreadable: vec![],
         };
         let grounding = ItemResult {
@@ -160,6 +166,7 @@ mod tests {
             visual_tokens_after_stage1: 112,
             target_kept_stage1: Some(0.5),
             target_kept_stage2: Some(0.25),
+            qtype: None,
         };
         let vqa = ItemResult {
             line: 3,
@@ -171,6 +178,7 @@ mod tests {
             visual_tokens_after_stage1: 576,
             target_kept_stage1: None,
             target_kept_stage2: None,
+            qtype: None,
         };
         let labels = vec!["none".to_string(), "nuwa:64".to_string()];
         let made = Made { model: "m".into(), max_new_tokens: 32, seed: Some(7), vision_fp32: false };
@@ -180,7 +188,7 @@ mod tests {
         let text = format!("{}\n{}\n{}", line(&grounding, "none", &made).unwrap(), line(&vqa, "none", &made).unwrap(), &cut[..cut.len() / 2]);
         std::fs::write(&file, &text).unwrap();
         let r = read(&file, &data, &labels, &made).unwrap();
-        assert_eq!(r.items, vec![vec![grounding.clone(), vqa.clone()], vec![]]);
+        assert_eq!(r.items, vec![vec![grounding.clone(), ItemResult { qtype: Some("exist".into()), ..vqa.clone() }], vec![]]);
         assert_eq!(r.complete_len as usize, text.rfind('\n').unwrap() + 1);
 
         // A prediction whose kind differs from the data's item on that line comes from other data.

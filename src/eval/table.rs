@@ -1,5 +1,6 @@
 //! Summaries of runs and the methods x budgets table, as markdown and JSON.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -57,10 +58,26 @@ pub struct Summary {
     /// a prompt that fits the context only with re-indexed positions): its retention then compares different sets.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub items_differ_from_none: bool,
+    /// Per item type, keyed `kind/qtype` (`grounding/attr`, `vqa/count`), for data whose items carry a `qtype`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_qtype: BTreeMap<String, TypeSummary>,
     /// Lines not scored (bad lines, missing images, failed requests).
     pub unreadable: usize,
     /// Each of them with its line number and reason.
     pub unreadable_items: Vec<Unreadable>,
+}
+
+/// The figures of one item type in one run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TypeSummary {
+    /// Items of the type scored.
+    pub n: usize,
+    /// Items right.
+    pub correct: usize,
+    /// `correct / n`.
+    pub acc: Option<f64>,
+    /// `acc / acc` of the type in the unpruned run, in %.
+    pub retention: Option<f64>,
 }
 
 fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
@@ -92,6 +109,17 @@ impl Summary {
         let grounding: Vec<_> = run.items.iter().filter(|i| i.kind == ItemKind::Grounding).collect();
         let vqa: Vec<_> = run.items.iter().filter(|i| i.kind == ItemKind::Vqa).collect();
         let grounding_correct = grounding.iter().filter(|i| i.score.correct).count();
+        let mut by_qtype: BTreeMap<String, TypeSummary> = BTreeMap::new();
+        for i in &run.items {
+            if let Some(q) = &i.qtype {
+                let t = by_qtype.entry(format!("{}/{q}", i.kind)).or_insert(TypeSummary { n: 0, correct: 0, acc: None, retention: None });
+                t.n += 1;
+                t.correct += usize::from(i.score.correct);
+            }
+        }
+        for t in by_qtype.values_mut() {
+            t.acc = ratio(t.correct, t.n);
+        }
         let vqa_correct = vqa.iter().filter(|i| i.score.correct).count();
         Summary {
             label: label(&run.prune),
@@ -115,6 +143,7 @@ impl Summary {
             target_kept_stage1: mean(grounding.iter().filter_map(|i| i.target_kept_stage1)),
             target_kept_stage2: mean(grounding.iter().filter_map(|i| i.target_kept_stage2)),
             items_differ_from_none: false,
+            by_qtype,
             unreadable: run.unreadable.len(),
             unreadable_items: run.unreadable.clone(),
         }
@@ -124,6 +153,9 @@ impl Summary {
     pub fn set_retention(&mut self, none: &Summary) {
         self.grounding_retention = retention(self.grounding_acc, none.grounding_acc);
         self.vqa_retention = retention(self.vqa_acc, none.vqa_acc);
+        for (k, t) in &mut self.by_qtype {
+            t.retention = retention(t.acc, none.by_qtype.get(k).and_then(|n| n.acc));
+        }
     }
 }
 
@@ -147,6 +179,15 @@ pub struct Table {
     pub items: usize,
     /// Rows; retention is relative to the `none` row.
     pub rows: Vec<Summary>,
+}
+
+/// A row's budget column: the preset, `keep1/keep2`, or `-` unpruned.
+fn budget_cell(r: &Summary) -> String {
+    match (r.budget, r.keep1, r.keep2) {
+        (Some(b), _, _) => b.to_string(),
+        (None, Some(k1), Some(k2)) => format!("{k1}/{k2}"),
+        _ => "-".into(),
+    }
 }
 
 fn fmt_opt(v: Option<f64>, digits: usize, suffix: &str) -> String {
@@ -191,11 +232,7 @@ impl Table {
         s.push_str("| method | budget | tokens | grounding acc | grounding retention | VQA acc | VQA retention | target kept S1 / S2 | mean TTFT ms | n grounding / VQA | unreadable |\n");
         s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &self.rows {
-            let budget = match (r.budget, r.keep1, r.keep2) {
-                (Some(b), _, _) => b.to_string(),
-                (None, Some(k1), Some(k2)) => format!("{k1}/{k2}"),
-                _ => "-".into(),
-            };
+            let budget = budget_cell(r);
             let tokens = format!(
                 "{} -> {}",
                 fmt_opt(r.mean_visual_tokens_after_stage1, 0, ""),
@@ -219,6 +256,7 @@ impl Table {
                 r.unreadable
             );
         }
+        self.markdown_by_qtype(&mut s);
         if self.rows.iter().any(|r| r.items_differ_from_none) {
             s.push_str(
                 "\n\\* Scored on other items than `none` (a request failed in one run and not the other; the JSON lists \
@@ -226,6 +264,42 @@ impl Table {
             );
         }
         s
+    }
+
+    /// The per-type table, when the data's items carry a `qtype`: accuracy (retention) per row and type.
+    fn markdown_by_qtype(&self, s: &mut String) {
+        let mut types: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in &self.rows {
+            for (k, t) in &r.by_qtype {
+                let n = types.entry(k.as_str()).or_insert(0);
+                *n = (*n).max(t.n);
+            }
+        }
+        if types.is_empty() {
+            return;
+        }
+        let _ = writeln!(s, "\nBy item type (the data's `qtype`): accuracy (retention against `none`).\n");
+        s.push_str("| method | budget |");
+        for (k, n) in &types {
+            // The type comes from the data: a `|` or a line break in it must not break the table.
+            let k = k.replace('|', "\\|").replace(['\n', '\r'], " ");
+            let _ = write!(s, " {k} (n={n}) |");
+        }
+        s.push_str("\n|---|---:|");
+        s.push_str(&"---:|".repeat(types.len()));
+        s.push('\n');
+        for r in &self.rows {
+            let _ = write!(s, "| {} | {} |", r.label.split(':').next().unwrap_or(&r.method), budget_cell(r));
+            for k in types.keys() {
+                let cell = match r.by_qtype.get(*k) {
+                    Some(t) if r.method == "none" => fmt_opt(t.acc, 3, ""),
+                    Some(t) => format!("{} ({})", fmt_opt(t.acc, 3, ""), fmt_opt(t.retention, 0, "%")),
+                    None => "n/a".into(),
+                };
+                let _ = write!(s, " {cell} |");
+            }
+            s.push('\n');
+        }
     }
 
     /// The two files [`Table::write`] writes for `stem`: `STEM.md` and `STEM.json` (a stem ending in `.md` or
