@@ -6,6 +6,8 @@
 //! once the new text no longer ends in U+FFFD. Decoding a short window that starts a few tokens back keeps
 //! context-dependent decoders (leading-space stripping, byte fallback) consistent with a full decode, so the
 //! concatenation of every emitted piece plus [`StreamDecoder::finish`] equals `tokenizer.decode(ids, true)`.
+//! Special tokens, which that decode skips, never enter the window: a run of them (a model looping on a control
+//! token) costs the same per token as any other, instead of re-decoding a window that grows with each.
 
 use std::sync::Arc;
 
@@ -19,7 +21,10 @@ const REPLACEMENT: char = '\u{FFFD}';
 #[derive(Clone)]
 pub struct StreamDecoder {
     tokenizer: Arc<Tokenizer>,
+    /// Every id pushed.
     ids: Vec<u32>,
+    /// The ids that decode to text (all but skipped special tokens); the offsets index into it.
+    window: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
     skip_special_tokens: bool,
@@ -38,7 +43,7 @@ impl std::fmt::Debug for StreamDecoder {
 impl StreamDecoder {
     /// A decoder that skips special tokens (as the final `decode(ids, true)` does).
     pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
-        StreamDecoder { tokenizer, ids: Vec::new(), prefix_offset: 0, read_offset: 0, skip_special_tokens: true }
+        StreamDecoder { tokenizer, ids: Vec::new(), window: Vec::new(), prefix_offset: 0, read_offset: 0, skip_special_tokens: true }
     }
 
     /// Every id pushed so far.
@@ -49,6 +54,7 @@ impl StreamDecoder {
     /// Forgets all pushed ids, to reuse the decoder for a new generation.
     pub fn reset(&mut self) {
         self.ids.clear();
+        self.window.clear();
         self.prefix_offset = 0;
         self.read_offset = 0;
     }
@@ -59,16 +65,25 @@ impl StreamDecoder {
             .map_err(|e| Error::Tokenizer(format!("decoding ids {ids:?}: {e}")))
     }
 
-    /// Adds one id; returns the text it completes, or `None` while a character is still incomplete.
+    /// Adds one id; returns the text it completes, or `None` while a character is still incomplete (or the id is
+    /// a special token, which decodes to nothing). An id outside the tokenizer's vocabulary is an error.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        let token = self
+            .tokenizer
+            .id_to_token(id)
+            .ok_or_else(|| Error::Tokenizer(format!("token id {id} is not in the tokenizer's vocabulary")))?;
         self.ids.push(id);
-        let prefix_text = self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let new_text = self.decode(&self.ids[self.prefix_offset..])?;
+        if self.skip_special_tokens && self.tokenizer.get_added_vocabulary().is_special_token(&token) {
+            return Ok(None);
+        }
+        self.window.push(id);
+        let prefix_text = self.decode(&self.window[self.prefix_offset..self.read_offset])?;
+        let new_text = self.decode(&self.window[self.prefix_offset..])?;
         if new_text.len() > prefix_text.len() && !new_text.ends_with(REPLACEMENT) {
             if let Some(piece) = new_text.strip_prefix(prefix_text.as_str()) {
                 let piece = piece.to_owned();
                 self.prefix_offset = self.read_offset;
-                self.read_offset = self.ids.len();
+                self.read_offset = self.window.len();
                 return Ok(Some(piece));
             }
             // The window's text was rewritten by the decoder (rare); wait for more context or `finish`.
@@ -78,10 +93,10 @@ impl StreamDecoder {
 
     /// Flushes whatever is pending (an incomplete character comes out as U+FFFD, as in a full decode).
     pub fn finish(&mut self) -> Result<String> {
-        let prefix_text = self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let new_text = self.decode(&self.ids[self.prefix_offset..])?;
-        self.prefix_offset = self.ids.len();
-        self.read_offset = self.ids.len();
+        let prefix_text = self.decode(&self.window[self.prefix_offset..self.read_offset])?;
+        let new_text = self.decode(&self.window[self.prefix_offset..])?;
+        self.prefix_offset = self.window.len();
+        self.read_offset = self.window.len();
         let piece = match new_text.strip_prefix(prefix_text.as_str()) {
             Some(rest) => rest.to_owned(),
             None => {
@@ -219,7 +234,40 @@ mod tests {
         assert_eq!(d.push(u32::from(b'y')).unwrap().as_deref(), Some("y"));
     }
 
+    #[test]
+    fn special_tokens_stay_out_of_the_window_and_unknown_ids_are_refused() {
+        let t = tokenizer();
+        let eos = 260;
+        let mut d = StreamDecoder::new(t.clone());
+        assert_eq!(d.push(u32::from(b'a')).unwrap().as_deref(), Some("a"));
+        // Before, each of these re-decoded a window that grew by one: quadratic in the run's length.
+        for _ in 0..1000 {
+            assert_eq!(d.push(eos).unwrap(), None);
+        }
+        assert_eq!(d.window.len(), 1, "only the text id");
+        assert_eq!(d.ids().len(), 1001);
+        assert_eq!(d.push(u32::from(b'b')).unwrap().as_deref(), Some("b"));
+        assert_eq!(d.finish().unwrap(), "");
+        // An id the tokenizer does not have was silently dropped (a C caller can pass any u32).
+        for bad in [261, u32::MAX] {
+            let e = d.push(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("token id {bad} is not in the tokenizer's vocabulary")), "{e}");
+        }
+        assert_eq!(d.ids().len(), 1002, "a refused id is not recorded");
+    }
+
     proptest! {
+        #[test]
+        fn special_ids_anywhere_stream_as_the_full_decode(text in "[a-z世界🙂 ]{0,12}", at in proptest::collection::vec(0usize..16, 0..4)) {
+            let t = tokenizer();
+            let mut ids = encode(&t, &text);
+            for &i in &at {
+                ids.insert(i.min(ids.len()), 260);
+            }
+            let (pieces, rest) = stream(&t, &ids);
+            prop_assert_eq!(pieces.concat() + &rest, t.decode(&ids, true).unwrap());
+        }
+
         #[test]
         fn concatenation_equals_full_decode(chars in proptest::collection::vec(any::<char>(), 0..24)) {
             let t = tokenizer();
