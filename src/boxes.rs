@@ -151,7 +151,7 @@ mod tests {
             mean: [0.5; 3],
             std: [0.5; 3],
         };
-        ResizeRecord::new(&config, w, h)
+        ResizeRecord::new(&config, w, h).unwrap()
     }
 
     fn close(a: [f32; 4], b: [f32; 4]) {

@@ -118,8 +118,14 @@ pub fn layout(tokenizer: &Tokenizer, m: &Manifest, prompt: &str, visual: &[usize
     let mut positions = Vec::with_capacity(ids.len());
     positions.extend((0..start).map(|i| i as i64));
     positions.extend(visual.iter().map(|&r| (start + r) as i64));
-    let after = (start + total_visual) as i64;
-    positions.extend((0..ids.len() - span.end).map(|j| after + j as i64));
-    let next_position = after + (ids.len() - span.end) as i64;
+    let n_after = ids.len() - span.end;
+    // total_visual comes from the caller: a value near usize::MAX must not wrap into negative position ids.
+    let next_position = start
+        .checked_add(total_visual)
+        .and_then(|a| a.checked_add(n_after))
+        .and_then(|n| i64::try_from(n).ok())
+        .ok_or_else(|| Error::InvalidRequest(format!("{total_visual} visual positions do not fit in position ids")))?;
+    let after = next_position - n_after as i64;
+    positions.extend((0..n_after).map(|j| after + j as i64));
     Ok(PromptLayout { ids, positions, image_span: span, next_position })
 }

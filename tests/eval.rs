@@ -76,7 +76,10 @@ fn target_cells_of_a_box_on_the_grid() {
     assert!(target_cells([400.0, 400.0, 401.0, 401.0], 336, 336, 24, 24).is_empty());
     assert!(target_cells([f32::NAN, 0.0, 10.0, 10.0], 336, 336, 24, 24).is_empty());
     assert_eq!(kept_share(&[26, 27, 28, 50], &[1, 27, 50, 100]), Some(0.5));
+    assert_eq!(kept_share(&[26, 27, 28, 50], &[100, 50, 27, 1]), Some(0.5), "kept in any order");
     assert_eq!(kept_share(&[], &[1]), None);
+    // A grid whose size overflows (a caller's garbage) used to panic on the index arithmetic.
+    assert!(target_cells([100.0, 290.0, 101.0, 291.0], 336, 336, usize::MAX / 2, 3).is_empty());
 }
 
 #[test]
@@ -137,7 +140,9 @@ fn grounding_scores_the_first_box_only() {
 fn a_synthetic_output_is_scored_through_the_box_mapping() {
     let m = nuwa::manifest::Manifest::load(root().join("models/tiny-llava-clip")).expect("manifest");
     // coco-000000000139.jpg is 400x266: padded to 400x400, 67 px on top, so the image spans y in [67, 333] / 400.
-    let resize = nuwa::image::ResizeRecord::new(&m.image, 400, 266);
+    let resize = nuwa::image::ResizeRecord::new(&m.image, 400, 266).expect("record");
+    let bad = nuwa::image::ImageConfig { width: 0, ..m.image.clone() };
+    assert!(nuwa::image::ResizeRecord::new(&bad, 400, 266).is_err(), "a zero-width config gave infinite scales");
     let text = "The vase is at [0.25, 0.5, 0.75, 0.75].".to_string();
     let boxes: Vec<[f32; 4]> =
         nuwa::boxes::extract_boxes(&text, &m.box_format, &resize).into_iter().map(|b| b.original).collect();
@@ -729,6 +734,9 @@ fn expected_boxes_must_lie_in_their_image() {
         ([10.0, 10.0, 700.0, 40.0], "outside the 640x426 px image"),
         ([10.0, 10.0, 40.0, 428.0], "outside"),
         ([-3.0, 10.0, 40.0, 40.0], "outside"),
+        // Every comparison with NaN is false: this box used to pass.
+        ([f64::NAN; 4], "not a finite number"),
+        ([0.0, 0.0, f64::INFINITY, 40.0], "not a finite number"),
     ] {
         let e = check_box_in_image(b, 640, 426).expect_err("bad box");
         assert!(e.contains(needle), "{b:?}: {e}");

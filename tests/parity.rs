@@ -189,6 +189,9 @@ fn special_token_text_in_a_prompt_stays_text() {
         // A prompt without such text is tokenised whole, as before (the golden test above), and the plain path
         // agrees with it on the template's pieces.
         let plain = prompt::layout(tok, m, "What is this?", &all, n).expect("layout");
+        // A visual count near usize::MAX wrapped into negative position ids; now refused.
+        let e = prompt::layout(tok, m, "What is this?", &[0, 1], usize::MAX).unwrap_err().to_string();
+        assert!(e.contains("do not fit in position ids"), "{e}");
         assert_eq!(layout.ids[..layout.image_span.end], plain.ids[..plain.image_span.end], "{}", m.id);
     }
     // It still runs end to end.

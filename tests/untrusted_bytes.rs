@@ -101,7 +101,7 @@ proptest! {
         (w, h) in (1u32..5000, 1u32..5000),
     ) {
         let m = Manifest::load(root().join("models/nuwa-demo")).expect("manifest");
-        let record = ResizeRecord::new(&m.image, w, h);
+        let record = ResizeRecord::new(&m.image, w, h).expect("record");
         let text = pieces.concat();
         for b in extract_boxes(&text, &m.box_format, &record) {
             let o = b.original;

@@ -81,6 +81,10 @@ pub fn check_box_in_image(bbox: [f64; 4], width: u32, height: u32) -> Result<(),
     let [x1, y1, x2, y2] = bbox;
     let (w, h) = (f64::from(width), f64::from(height));
     let t = BOX_EDGE_TOLERANCE;
+    // Every comparison with NaN is false: without this, a NaN box passed every check below.
+    if !bbox.iter().all(|v| v.is_finite()) {
+        return Err(format!("\"bbox\" {bbox:?} has a coordinate that is not a finite number"));
+    }
     if x2 - x1 < 1.0 || y2 - y1 < 1.0 {
         return Err(format!(
             "\"bbox\" {bbox:?} is under one pixel wide or high: boxes are in original-image pixels, not normalised"
@@ -94,9 +98,11 @@ pub fn check_box_in_image(bbox: [f64; 4], width: u32, height: u32) -> Result<(),
 
 /// The grid cells (raster indices) an object occupies: those whose centre lies inside `model_box` (model-input
 /// pixels, `[x1, y1, x2, y2]`, as [`crate::image::ResizeRecord::to_model_box`] gives), or, for a box too small to contain a
-/// cell centre, the cell under the box's centre. Empty when the box is not finite or lies outside the input.
+/// cell centre, the cell under the box's centre. Empty when the box is not finite or lies outside the input, or
+/// the grid is empty or above [`crate::prune::MAX_GRID_TOKENS`] cells.
 pub fn target_cells(model_box: [f32; 4], model_w: u32, model_h: u32, grid_w: usize, grid_h: usize) -> Vec<usize> {
-    if !model_box.iter().all(|v| v.is_finite()) || model_w == 0 || model_h == 0 || grid_w == 0 || grid_h == 0 {
+    let grid_ok = grid_w.checked_mul(grid_h).is_some_and(|n| n > 0 && n <= crate::prune::MAX_GRID_TOKENS);
+    if !model_box.iter().all(|v| v.is_finite()) || model_w == 0 || model_h == 0 || !grid_ok {
         return Vec::new();
     }
     let (cw, ch) = (model_w as f32 / grid_w as f32, model_h as f32 / grid_h as f32);
@@ -129,7 +135,9 @@ pub fn kept_share(target: &[usize], kept: &[usize]) -> Option<f64> {
     if target.is_empty() {
         return None;
     }
-    let hit = target.iter().filter(|t| kept.contains(t)).count();
+    let mut kept = kept.to_vec();
+    kept.sort_unstable();
+    let hit = target.iter().filter(|t| kept.binary_search(t).is_ok()).count();
     Some(hit as f64 / target.len() as f64)
 }
 

@@ -339,6 +339,7 @@ pub fn parse_sweep(spec: &str, template: &PruneConfig) -> Result<Vec<PruneConfig
         ..template.clone()
     };
     let mut out = vec![make(Method::None, Amount::All)];
+    let mut seen: std::collections::HashSet<String> = out.iter().map(label).collect();
     for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
         let (name, budgets) = match entry.split_once(':') {
             Some((n, b)) => (n.trim(), Some(b)),
@@ -371,7 +372,7 @@ pub fn parse_sweep(spec: &str, template: &PruneConfig) -> Result<Vec<PruneConfig
             let mut c = make(method, amount);
             apply_options(entry, options, &mut c)?;
             // By label: `nuwa+positions=original` is `nuwa` (its own convention), one setting under one name.
-            if !out.iter().any(|o| label(o) == label(&c)) {
+            if seen.insert(label(&c)) {
                 out.push(c);
             }
         }

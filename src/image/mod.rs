@@ -217,7 +217,10 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
     }
     let mut at = 2;
     loop {
-        // Fill bytes (0xFF runs) may precede a marker.
+        // Stray bytes between segments are skipped to the next marker, as libjpeg (with a warning) and the decoder
+        // do; fill bytes (0xFF runs) may precede a marker.
+        let Some(rel) = bytes.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)) else { return false };
+        at += rel;
         while bytes.get(at) == Some(&0xFF) && bytes.get(at + 1) == Some(&0xFF) {
             at += 1;
         }
@@ -298,9 +301,12 @@ pub struct ResizeRecord {
 }
 
 impl ResizeRecord {
-    /// The record [`preprocess`] produces for an image of `width` x `height` px, without touching pixels.
-    pub fn new(config: &ImageConfig, width: u32, height: u32) -> Self {
-        Geometry::new(config, width.max(1), height.max(1)).record(config, width.max(1), height.max(1))
+    /// The record [`preprocess`] produces for an image of `width` x `height` px, without touching pixels; a
+    /// config [`preprocess`] would refuse (a zero size, non-finite statistics) is refused here too, since its
+    /// scales would be infinite or NaN and every box mapped through them lost.
+    pub fn new(config: &ImageConfig, width: u32, height: u32) -> Result<Self> {
+        config.validate().map_err(Error::Image)?;
+        Ok(Geometry::new(config, width.max(1), height.max(1)).record(config, width.max(1), height.max(1)))
     }
 
     /// Maps a point in model-input pixels to original pixels (not clamped).
@@ -501,7 +507,8 @@ fn cover_short_side(w: u32, h: u32, tw: u32, th: u32) -> u32 {
 }
 
 /// HF `get_resize_output_image_size(default_to_square=False)`: the short side becomes `short_target`, the long side
-/// `int(short_target * long / short)` (truncated). Returns (width, height).
+/// `int(short_target * long / short)` (truncated), saturating at `u32::MAX` ([`preprocess`] refuses such extreme
+/// aspect ratios before it gets here). Returns (width, height).
 pub fn shortest_edge_size(width: u32, height: u32, short_target: u32) -> (u32, u32) {
     let (short, long) = if width <= height { (width, height) } else { (height, width) };
     // Python: int(requested * long / short); the product is exact in f64, the division correctly rounded.

@@ -18,6 +18,25 @@ fn truncated_jpeg_is_rejected_not_filled_with_grey() {
 }
 
 #[test]
+fn stray_bytes_between_jpeg_segments_are_skipped_as_decoders_do() {
+    // libjpeg (with a warning) and the decoder skip bytes between segments; the completeness check called such a
+    // file truncated.
+    let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
+    let mut jpg = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut jpg), image::ImageFormat::Jpeg)
+        .expect("encode");
+    let alone = decode_image(&jpg, &ImageLimits::default()).expect("plain");
+    let after_app0 = 4 + usize::from(u16::from_be_bytes([jpg[4], jpg[5]]));
+    let mut stray = jpg.clone();
+    stray.splice(after_app0..after_app0, [0u8, 0]);
+    assert_eq!(decode_image(&stray, &ImageLimits::default()).expect("stray bytes"), alone);
+    // Still cut short: still refused.
+    let e = decode_image(&stray[..stray.len() - 100], &ImageLimits::default()).expect_err("cut");
+    assert!(e.to_string().contains("truncated"), "{e}");
+}
+
+#[test]
 fn a_jpeg_with_data_after_its_end_is_read_like_the_image_alone() {
     // Motion photos append a video after the JPEG's end marker; the video's bytes can hold 0xFFDA after its last
     // 0xFFD9, which made the old check (end marker after the file's last scan marker) call the image truncated.
