@@ -71,6 +71,11 @@ impl NpyArray {
         let shape_text = dict_value(header, "shape").ok_or("header has no 'shape'")?;
         let shape = parse_shape(shape_text)?;
         let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("shape overflows")?;
+        // ndarray also refuses a shape whose non-zero lengths multiply past isize::MAX, even holding no element
+        // ((0, usize::MAX)): refused here, so every parsed array converts.
+        if shape.iter().filter(|&&d| d > 0).try_fold(1usize, |a, &d| a.checked_mul(d)).is_none_or(|n| n > isize::MAX as usize) {
+            return Err("shape overflows".into());
+        }
         let body = &bytes[end..];
         let need = |size: usize| -> std::result::Result<&[u8], String> {
             let n = count.checked_mul(size).ok_or("shape overflows")?;
@@ -164,12 +169,21 @@ pub fn encode<T: NpyElement>(shape: &[usize], data: &[T]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}", T::DESCR, shape_text);
-    let unpadded = 10 + header.len() + 1;
+    // Version 1.0 stores the header length in 16 bits; a longer header (a shape of thousands of dimensions) needs
+    // 2.0's 32 bits, or the length written would be truncated and the file unreadable.
+    let v1 = 10 + header.len() + 1 + 63 <= usize::from(u16::MAX);
+    let prefix = if v1 { 10 } else { 12 };
+    let unpadded = prefix + header.len() + 1;
     header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 8);
-    out.extend_from_slice(b"\x93NUMPY\x01\x00");
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    let mut out = Vec::with_capacity(prefix + header.len() + data.len() * 8);
+    if v1 {
+        out.extend_from_slice(b"\x93NUMPY\x01\x00");
+        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    } else {
+        out.extend_from_slice(b"\x93NUMPY\x02\x00");
+        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    }
     out.extend_from_slice(header.as_bytes());
     for &x in data {
         x.put(&mut out);
@@ -180,8 +194,9 @@ pub fn encode<T: NpyElement>(shape: &[usize], data: &[T]) -> Vec<u8> {
 /// Writes `data` (C order) with `shape` to a `.npy` file.
 pub fn write<T: NpyElement>(path: impl AsRef<Path>, shape: &[usize], data: &[T]) -> Result<()> {
     let path = path.as_ref();
-    let count: usize = shape.iter().product();
-    if count != data.len() {
+    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if count != Some(data.len()) {
+        let count = count.map_or_else(|| "more than usize::MAX".to_string(), |c| c.to_string());
         return Err(bad(path, format!("shape {shape:?} holds {count} elements, data has {}", data.len())));
     }
     let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
@@ -191,6 +206,23 @@ pub fn write<T: NpyElement>(path: impl AsRef<Path>, shape: &[usize], data: &[T])
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shapes_that_overflow_or_need_a_long_header_are_handled() {
+        let dir = std::env::temp_dir().join(format!("nuwa-npy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Before: the product wrapped to 0 and an unreadable file was written.
+        assert!(write(dir.join("a.npy"), &[1 << 33, 1 << 31], &[] as &[f32]).is_err());
+        // Before: the 16-bit header length was truncated and the file could not be read back.
+        let shape = vec![1usize; 30000];
+        write(dir.join("b.npy"), &shape, &[1.5f32]).unwrap();
+        let back = NpyArray::read(dir.join("b.npy")).unwrap();
+        assert_eq!((back.shape, back.data), (shape, NpyData::F32(vec![1.5])));
+        // A shape ndarray cannot build, holding no element: refused at parse, not converted to a silent [0].
+        let bytes = encode(&[0, usize::MAX], &[] as &[f32]);
+        assert!(NpyArray::parse(&bytes).unwrap_err().contains("shape overflows"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn round_trip_f32_and_i64() {
