@@ -50,7 +50,7 @@ impl Model {
         let positions: Vec<i64> = (0..context as i64).collect();
         let mut embeds = Array2::<f32>::zeros((context, d.hidden_size));
         self.embeddings().gather_into(&ids, embeds.view_mut())?;
-        let mut caches = self.new_caches(context + steps);
+        let mut caches = self.new_caches(context + steps)?;
         let t = Instant::now();
         let mut logits = self.run_decoder(embeds.view(), &positions, &mut caches)?;
         let prefill_ms = t.elapsed().as_secs_f64() * 1e3;

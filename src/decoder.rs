@@ -183,7 +183,7 @@ impl DecoderHalf {
     }
 
     /// An empty cache for this half's layers with room for `capacity` positions.
-    pub fn new_cache(&self, capacity: usize) -> KvCache {
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         KvCache::new(self.layers.start, self.layers.len(), self.kv_heads, self.head_dim, capacity)
     }
 

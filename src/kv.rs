@@ -20,20 +20,34 @@ pub struct KvCache {
     capacity: usize,
 }
 
+/// A zeroed buffer of `positions * row` values, or an error naming the size: an allocation that fails must not
+/// abort the host process (`vec!` does), and the product must not wrap.
+fn zeroed(positions: usize, row: usize) -> Result<Vec<f32>> {
+    let too_big = || Error::InvalidRequest(format!("a KV cache of {positions} positions x {row} values cannot be allocated"));
+    let n = positions.checked_mul(row).filter(|&n| n <= isize::MAX as usize / std::mem::size_of::<f32>()).ok_or_else(too_big)?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| too_big())?;
+    v.resize(n, 0.0);
+    Ok(v)
+}
+
 impl KvCache {
-    /// An empty cache for layers `first_layer..first_layer + num_layers`, reserving `capacity` positions.
-    pub fn new(first_layer: usize, num_layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
-        let row = kv_heads * head_dim;
-        KvCache {
+    /// An empty cache for layers `first_layer..first_layer + num_layers`, reserving `capacity` positions; a size
+    /// that overflows or cannot be allocated is an error.
+    pub fn new(first_layer: usize, num_layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Result<Self> {
+        let row = kv_heads
+            .checked_mul(head_dim)
+            .ok_or_else(|| Error::InvalidRequest(format!("KV rows of {kv_heads} heads x {head_dim} values overflow")))?;
+        Ok(KvCache {
             first_layer,
-            keys: (0..num_layers).map(|_| vec![0.0; capacity * row]).collect(),
-            values: (0..num_layers).map(|_| vec![0.0; capacity * row]).collect(),
+            keys: (0..num_layers).map(|_| zeroed(capacity, row)).collect::<Result<_>>()?,
+            values: (0..num_layers).map(|_| zeroed(capacity, row)).collect::<Result<_>>()?,
             row,
             kv_heads,
             head_dim,
             len: 0,
             capacity,
-        }
+        })
     }
 
     /// Positions held.
@@ -74,19 +88,19 @@ impl KvCache {
 
     /// A copy of the held positions in new buffers reserving `capacity` positions (at least the held ones): a
     /// shared prefix continued by one request without touching the original.
-    pub fn fork(&self, capacity: usize) -> KvCache {
+    pub fn fork(&self, capacity: usize) -> Result<KvCache> {
         let capacity = capacity.max(self.len);
         let n = self.len * self.row;
-        let copy = |bufs: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+        let copy = |bufs: &Vec<Vec<f32>>| -> Result<Vec<Vec<f32>>> {
             bufs.iter()
                 .map(|b| {
-                    let mut v = vec![0.0; capacity * self.row];
+                    let mut v = zeroed(capacity, self.row)?;
                     v[..n].copy_from_slice(&b[..n]);
-                    v
+                    Ok(v)
                 })
                 .collect()
         };
-        KvCache { keys: copy(&self.keys), values: copy(&self.values), capacity, ..*self }
+        Ok(KvCache { keys: copy(&self.keys)?, values: copy(&self.values)?, capacity, ..*self })
     }
 
     /// Appends `new` positions to every layer: `keys[i]` and `values[i]` hold `[new, kv_heads, head_dim]`.
@@ -105,9 +119,12 @@ impl KvCache {
             });
         }
         if self.len + new > self.capacity {
-            let cap = (self.len + new).max(self.capacity * 2);
+            let cap = (self.len + new).max(self.capacity.saturating_mul(2));
+            let too_big = || Error::InvalidRequest(format!("the KV cache cannot grow to {cap} positions"));
+            let total = cap.checked_mul(self.row).ok_or_else(too_big)?;
             for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
-                buf.resize(cap * self.row, 0.0);
+                buf.try_reserve_exact(total - buf.len()).map_err(|_| too_big())?;
+                buf.resize(total, 0.0);
             }
             self.capacity = cap;
         }
@@ -129,7 +146,7 @@ mod tests {
 
     #[test]
     fn append_keeps_prefix_and_grows_in_place() {
-        let mut kv = KvCache::new(3, 2, 1, 2, 2);
+        let mut kv = KvCache::new(3, 2, 1, 2, 2).expect("cache");
         kv.append(1, &[&[1.0, 2.0], &[3.0, 4.0]], &[&[5.0, 6.0], &[7.0, 8.0]]).expect("append");
         let ptr = kv.past(0).0.as_ptr();
         kv.append(1, &[&[9.0, 10.0], &[11.0, 12.0]], &[&[0.0, 0.0], &[1.0, 1.0]]).expect("append");
@@ -142,5 +159,16 @@ mod tests {
         assert_eq!(kv.past_shape(), [1, 5, 1, 2]);
         assert_eq!(kv.bytes_used(), 2 * 2 * 5 * 2 * 4);
         assert!(kv.append(1, &[&[1.0]], &[&[1.0]]).is_err());
+    }
+
+    #[test]
+    fn sizes_that_overflow_or_cannot_be_allocated_are_errors_not_aborts() {
+        // Before, `vec!` panicked on "capacity overflow" or aborted the process on a failed allocation.
+        for (heads, dim, capacity) in [(1usize << 40, 1usize << 40, 1), (1, 2, usize::MAX / 2), (8, 64, 1usize << 50)] {
+            let e = KvCache::new(0, 1, heads, dim, capacity).unwrap_err().to_string();
+            assert!(e.contains("KV"), "{e}");
+        }
+        let kv = KvCache::new(0, 1, 1, 2, 1).expect("cache");
+        assert!(kv.fork(usize::MAX / 2).is_err());
     }
 }

@@ -14,6 +14,13 @@ use crate::image::ImageConfig;
 /// The manifest format this runtime reads.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// The longest context a manifest may declare (16M positions): above any released model's, and small enough that
+/// positions stay exact as `i64` and the sizes derived from them cannot wrap.
+pub const MAX_POSITIONS: usize = 1 << 24;
+
+/// The largest `manifest.json` read (a manifest is a few kB; a path to a device or a huge file is refused unread).
+const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
 /// A parsed and validated `manifest.json`, plus the directory it came from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
@@ -314,6 +321,26 @@ pub fn layer_name(template: &str, layer: usize) -> String {
     template.replacen("%d", &layer.to_string(), 1)
 }
 
+/// Reads a text file of at most `cap` bytes; a larger one, or one that is not a regular file (a FIFO, a device), is
+/// refused before it is read.
+pub(crate) fn read_capped(path: &Path, cap: u64) -> Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::ModelFile { path: path.to_path_buf(), message: "is not a regular file".into() });
+    }
+    if meta.len() > cap {
+        return Err(Error::ModelFile { path: path.to_path_buf(), message: format!("is {} bytes; at most {cap} are read", meta.len()) });
+    }
+    let mut text = String::new();
+    file.take(cap + 1).read_to_string(&mut text).map_err(|e| Error::io(path, e))?;
+    if text.len() as u64 > cap {
+        return Err(Error::ModelFile { path: path.to_path_buf(), message: format!("grew past {cap} bytes while read") });
+    }
+    Ok(text)
+}
+
 impl Manifest {
     /// Reads and validates `<dir>/manifest.json`.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
@@ -322,7 +349,7 @@ impl Manifest {
         if !dir.is_dir() {
             return Err(Error::ModelFile { path: dir.to_path_buf(), message: "model directory does not exist".into() });
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = read_capped(&path, MAX_MANIFEST_BYTES)?;
         let mut manifest: Manifest = serde_json::from_str(&text)
             .map_err(|e| Error::Manifest { path: path.clone(), message: e.to_string() })?;
         manifest.dir = dir.to_path_buf();
@@ -356,8 +383,13 @@ impl Manifest {
         let im = &self.image;
         let v = &self.vision;
         check(v.patch_size > 0 && v.grid_h > 0 && v.grid_w > 0, "vision.patch_size, grid_h and grid_w must be positive".into())?;
+        // Products that wrap in a release build would pass the size check below with absurd values.
         check(
-            im.height as usize == v.grid_h * v.patch_size && im.width as usize == v.grid_w * v.patch_size,
+            v.grid_h.checked_mul(v.grid_w).is_some_and(|n| n <= crate::prune::MAX_GRID_TOKENS),
+            format!("vision grid {}x{} has more than {} patches", v.grid_h, v.grid_w, crate::prune::MAX_GRID_TOKENS),
+        )?;
+        check(
+            v.grid_h.checked_mul(v.patch_size) == Some(im.height as usize) && v.grid_w.checked_mul(v.patch_size) == Some(im.width as usize),
             format!(
                 "image is {}x{} (height x width) but vision grid {}x{} of {} px patches needs {}x{}",
                 im.height,
@@ -365,8 +397,8 @@ impl Manifest {
                 v.grid_h,
                 v.grid_w,
                 v.patch_size,
-                v.grid_h * v.patch_size,
-                v.grid_w * v.patch_size
+                v.grid_h.saturating_mul(v.patch_size),
+                v.grid_w.saturating_mul(v.patch_size)
             ),
         )?;
         check(v.hidden_size > 0, "vision.hidden_size must be positive".into())?;
@@ -412,6 +444,10 @@ impl Manifest {
         check(d.head_dim > 0 && d.hidden_size > 0 && d.vocab_size > 0, "decoder dimensions must be positive".into())?;
         check(d.kv_dtype == "f32", format!("decoder.kv_dtype {:?} is not supported (only \"f32\")", d.kv_dtype))?;
         check(d.max_position_embeddings > v.num_tokens(), "decoder.max_position_embeddings is shorter than one image".into())?;
+        check(
+            d.max_position_embeddings <= MAX_POSITIONS,
+            format!("decoder.max_position_embeddings {} is above the {MAX_POSITIONS} this runtime supports", d.max_position_embeddings),
+        )?;
         for (field, name) in [
             ("decoder.head.past_key", &d.head.past_key),
             ("decoder.head.past_value", &d.head.past_value),

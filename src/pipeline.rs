@@ -24,6 +24,33 @@ use crate::sampler::{Sampler, SamplerConfig};
 use crate::stats::{ms_since, peak_rss_mb, Stats};
 use crate::vision::{Projector, VisionEncoder, VisionTokens};
 
+/// Decoded tokens a generation's KV caches reserve room for up front (beyond the prompt); more grow them.
+const RESERVE_AHEAD: usize = 256;
+
+/// The largest image file read (an encoded image over 256 MiB is far past what [`ImageLimits`] lets decode).
+const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
+
+/// Reads an image file: a regular file of at most [`MAX_IMAGE_FILE_BYTES`], refused unread otherwise (a FIFO would
+/// block, `/dev/zero` or a huge file would fill memory).
+fn read_image_file(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| Error::Image(format!("cannot read {}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(Error::Image(format!("{} is not a regular file", path.display())));
+    }
+    if meta.len() > MAX_IMAGE_FILE_BYTES {
+        return Err(Error::Image(format!("{} is {} bytes; image files of at most {MAX_IMAGE_FILE_BYTES} are read", path.display(), meta.len())));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_IMAGE_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(cannot)?;
+    if bytes.len() as u64 > MAX_IMAGE_FILE_BYTES {
+        return Err(Error::Image(format!("{} grew past {MAX_IMAGE_FILE_BYTES} bytes while read", path.display())));
+    }
+    Ok(bytes)
+}
+
 /// How a model is loaded.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
@@ -50,6 +77,8 @@ pub struct Model {
     tail: DecoderHalf,
     notes: Vec<String>,
     runtime: Arc<Runtime>,
+    /// The longest token's text in bytes: a prompt longer than the context times this cannot fit.
+    max_token_bytes: usize,
 }
 
 impl std::fmt::Debug for Model {
@@ -239,7 +268,20 @@ impl Model {
             .collect::<Result<Vec<_>>>()?;
         let tail = DecoderHalf::load(&runtime, &manifest, Half::Tail, &embeddings, &sopts, &mut notes)?;
         notes.dedup();
-        Ok(Arc::new(Model { manifest, tokenizer: Arc::new(tokenizer), embeddings, vision, projector, head, middle, tail, notes, runtime }))
+        let max_token_bytes = tokenizer.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1);
+        Ok(Arc::new(Model {
+            manifest,
+            tokenizer: Arc::new(tokenizer),
+            embeddings,
+            vision,
+            projector,
+            head,
+            middle,
+            tail,
+            notes,
+            runtime,
+            max_token_bytes,
+        }))
     }
 
     /// The manifest.
@@ -272,13 +314,19 @@ impl Model {
         std::iter::once(&self.head).chain(&self.middle).chain(std::iter::once(&self.tail)).collect()
     }
 
-    /// Empty KV caches for every segment, with room for `capacity` positions each.
-    pub fn new_caches(&self, capacity: usize) -> Vec<KvCache> {
+    /// Empty KV caches for every segment, with room for `capacity` positions each (an error when that cannot be
+    /// allocated).
+    pub fn new_caches(&self, capacity: usize) -> Result<Vec<KvCache>> {
         self.segments().iter().map(|s| s.new_cache(capacity)).collect()
     }
 
-    /// Runs `input` through every segment at `positions` (no pruning) and returns the last-position logits.
+    /// Runs `input` through every segment at `positions` (no pruning) and returns the last-position logits. Every
+    /// position must lie in the model's context (`0..max_position_embeddings`).
     pub fn run_decoder(&self, input: ndarray::ArrayView2<'_, f32>, positions: &[i64], caches: &mut [KvCache]) -> Result<Vec<f32>> {
+        let max = self.manifest.decoder.max_position_embeddings as i64;
+        if let Some(bad) = positions.iter().find(|&&p| !(0..max).contains(&p)) {
+            return Err(Error::ContextOverflow(format!("position {bad} is outside the model's context 0..{max}")));
+        }
         let segments = self.segments();
         if caches.len() != segments.len() {
             return Err(Error::Shape { what: "decoder caches".into(), message: format!("{} caches for {} segments", caches.len(), segments.len()) });
@@ -304,10 +352,7 @@ impl Model {
         let mut limits = *limits;
         limits.min_side = limits.min_side.max(self.manifest.vision.patch_size as u32);
         let rgb = match input {
-            ImageInput::Path(p) => {
-                let bytes = std::fs::read(p).map_err(|e| Error::Image(format!("cannot read {}: {e}", p.display())))?;
-                image::decode_image(&bytes, &limits)?
-            }
+            ImageInput::Path(p) => image::decode_image(&read_image_file(p)?, &limits)?,
             ImageInput::Encoded(bytes) => image::decode_image(bytes, &limits)?,
             ImageInput::Rgb { width, height, data } => image::rgb_from_raw(*width, *height, data, &limits)?,
         };
@@ -333,6 +378,19 @@ impl Model {
     fn embed_range(&self, layout: &PromptLayout, range: std::ops::Range<usize>, visual: &Array2<f32>) -> Result<Array2<f32>> {
         let hidden = self.manifest.decoder.hidden_size;
         let span = layout.image_span.clone();
+        // PromptLayout's fields are public: a span outside the ids (or reversed) must be an error, not a panic.
+        if span.start > span.end || span.end > layout.ids.len() || layout.positions.len() != layout.ids.len() {
+            return Err(Error::Shape {
+                what: "prompt layout".into(),
+                message: format!(
+                    "image span {}..{} over {} ids with {} positions",
+                    span.start,
+                    span.end,
+                    layout.ids.len(),
+                    layout.positions.len()
+                ),
+            });
+        }
         if visual.nrows() != span.len() || visual.ncols() != hidden {
             return Err(Error::Shape {
                 what: "visual embeddings".into(),
@@ -378,6 +436,17 @@ impl Model {
         }
         if prompt.trim().is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        // No token covers more than max_token_bytes of text, so a prompt past the context on that count alone is
+        // refused before it is tokenised (25 MB took 14 s and 4 GB to be found too long). The factor 4 leaves room
+        // for normalisers that shorten text, so no prompt that fits is refused.
+        let max_pos = self.manifest.decoder.max_position_embeddings;
+        let longest = max_pos.saturating_mul(self.max_token_bytes).saturating_mul(4);
+        if prompt.len() > longest {
+            return Err(Error::ContextOverflow(format!(
+                "the prompt is {} bytes: more than {max_pos} positions of this model's tokens can hold",
+                prompt.len()
+            )));
         }
         let v = &self.manifest.vision;
         params.prune.resolve(v.grid_h, v.grid_w)
@@ -448,7 +517,7 @@ impl Model {
             if in_decoder && seg.layers().start >= prune_at {
                 break;
             }
-            let mut cache = seg.new_cache(p);
+            let mut cache = seg.new_cache(p)?;
             if let HalfOutput::Head { hidden: h, .. } = seg.run(hidden.view(), positions, &mut cache)? {
                 hidden = h;
             }
@@ -471,6 +540,30 @@ impl Model {
                  prepare it with this model",
                 image.model_id, self.manifest.id
             )));
+        }
+        // The fields are public (and the id is a free-form string a copied directory keeps): the tensors must be
+        // this tower's, or Stage 1 would run on another grid.
+        let (v, t) = (&self.manifest.vision, &image.vision);
+        let n = v.num_tokens();
+        let shape_ok = (t.grid_h, t.grid_w) == (v.grid_h, v.grid_w)
+            && t.features.dim() == (n, v.hidden_size)
+            && t.similarity.dim() == (n, v.hidden_size)
+            && t.cls_attention.as_ref().is_none_or(|c| c.len() == n);
+        if !shape_ok {
+            return Err(Error::Shape {
+                what: "prepared image".into(),
+                message: format!(
+                    "grid {}x{}, features {:?}, similarity {:?}, CLS attention {:?}; this model's tower gives grid {}x{} and [{n}, {}]",
+                    t.grid_h,
+                    t.grid_w,
+                    t.features.dim(),
+                    t.similarity.dim(),
+                    t.cls_attention.as_ref().map(Vec::len),
+                    v.grid_h,
+                    v.grid_w,
+                    v.hidden_size
+                ),
+            });
         }
         Ok(())
     }
@@ -535,10 +628,11 @@ impl Model {
         let mut span = layout.image_span.clone();
         let mut kept_now = prefix.stage1.kept.clone();
         let prune_at = self.prune_layer(&params.prune);
-        // Rows the caches can ever hold: the prompt's, plus one per decoded token, and no token is decoded at or past
-        // the last position (so a huge max_new_tokens reserves no more than the context allows).
+        // Rows reserved up front: the prompt's, plus one per decoded token up to RESERVE_AHEAD, and never past the
+        // last position; a longer generation grows the caches by doubling (so a huge max_new_tokens on a long
+        // context costs memory only as tokens come).
         let decodable = usize::try_from(max_pos - layout.next_position).unwrap_or(0);
-        let capacity = layout.len() + params.max_new_tokens.min(decodable);
+        let capacity = layout.len() + params.max_new_tokens.min(decodable).min(RESERVE_AHEAD);
         let mut caches = Vec::new();
         let mut signal = Vec::new();
         let mut stage2 = None;
@@ -546,7 +640,7 @@ impl Model {
         for (si, seg) in self.segments().into_iter().enumerate() {
             // `hidden` holds rows `from..` of the current sequence; a shared segment continues its prefix cache.
             let shared = reuse && si < prefix.caches.len();
-            let mut cache = if shared { prefix.caches[si].fork(capacity) } else { seg.new_cache(capacity) };
+            let mut cache = if shared { prefix.caches[si].fork(capacity)? } else { seg.new_cache(capacity)? };
             let rows = if shared { p..positions.len() } else { 0..positions.len() };
             match seg.run(hidden.view(), &positions[rows], &mut cache)? {
                 HalfOutput::Head { hidden: h, attention_row } => {

@@ -187,6 +187,9 @@ fn manifest_fields_that_describe_an_impossible_model_are_rejected() {
         ("vision", "similarity_layers", 0, "vision.similarity_layers 0"),
         ("vision", "similarity_layers", 6, "vision.similarity_layers 6"),
         ("decoder", "num_attention_heads", 0, "num_attention_heads 0"),
+        // Products that wrapped in release passed the size check: 2^63 + 9 rows of 14 px "matched" the image.
+        ("vision", "grid_h", (1i64 << 62) + 9, "has more than"),
+        ("decoder", "max_position_embeddings", 1i64 << 40, "max_position_embeddings 1099511627776 is above"),
     ] {
         let dir = scratch("impossible");
         copy_model(&dir);
@@ -424,4 +427,15 @@ fn a_stderr_that_cannot_be_written_does_not_cost_the_result() {
     // The timing summary goes to stderr after the text; the text and the exit status stand.
     assert_eq!(out.status.code(), Some(0));
     assert!(out.stdout.len() > 1, "{:?}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[cfg(unix)]
+#[test]
+fn a_manifest_that_is_not_a_regular_file_is_refused_unread() {
+    // Before, it was read whole: /dev/zero grew to gigabytes, a FIFO blocked forever.
+    let dir = scratch("dev-zero");
+    copy_model(&dir);
+    std::fs::remove_file(dir.join("manifest.json")).expect("rm");
+    std::os::unix::fs::symlink("/dev/zero", dir.join("manifest.json")).expect("symlink");
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["manifest.json", "not a regular file"]);
 }

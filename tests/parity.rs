@@ -214,7 +214,7 @@ fn decoder_prefill_matches_reference() {
         let n = m.vision.num_tokens();
         let all: Vec<usize> = (0..n).collect();
         let layout = prompt::layout(f.model.tokenizer(), m, &f.prompt(), &all, n).expect("layout");
-        let mut caches = f.model.new_caches(layout.len());
+        let mut caches = f.model.new_caches(layout.len()).expect("caches");
         // Feed the reference projector output so the decoder is checked on its own.
         let visual = f.array("image_embeds").to_f32();
         let visual = visual.into_shape_with_order((n, m.decoder.hidden_size)).expect("shape").into_owned();
