@@ -321,24 +321,25 @@ pub fn layer_name(template: &str, layer: usize) -> String {
     template.replacen("%d", &layer.to_string(), 1)
 }
 
-/// Reads a text file of at most `cap` bytes; a larger one, or one that is not a regular file (a FIFO, a device), is
-/// refused before it is read.
-pub(crate) fn read_capped(path: &Path, cap: u64) -> Result<String> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+/// Reads a file of at most `cap` bytes. One that is not a regular file is refused before it is opened (opening a
+/// FIFO blocks; a device such as /dev/zero never ends), and a larger one before it is read; the refusals are
+/// `InvalidInput` errors saying why.
+pub(crate) fn read_bounded(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error as IoError, ErrorKind, Read};
+    let refuse = |why: String| IoError::new(ErrorKind::InvalidInput, why);
+    let meta = std::fs::metadata(path)?;
     if !meta.is_file() {
-        return Err(Error::ModelFile { path: path.to_path_buf(), message: "is not a regular file".into() });
+        return Err(refuse("not a regular file".into()));
     }
     if meta.len() > cap {
-        return Err(Error::ModelFile { path: path.to_path_buf(), message: format!("is {} bytes; at most {cap} are read", meta.len()) });
+        return Err(refuse(format!("{} bytes; at most {cap} are read", meta.len())));
     }
-    let mut text = String::new();
-    file.take(cap + 1).read_to_string(&mut text).map_err(|e| Error::io(path, e))?;
-    if text.len() as u64 > cap {
-        return Err(Error::ModelFile { path: path.to_path_buf(), message: format!("grew past {cap} bytes while read") });
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(cap + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(refuse(format!("grew past {cap} bytes while read")));
     }
-    Ok(text)
+    Ok(bytes)
 }
 
 impl Manifest {
@@ -349,7 +350,11 @@ impl Manifest {
         if !dir.is_dir() {
             return Err(Error::ModelFile { path: dir.to_path_buf(), message: "model directory does not exist".into() });
         }
-        let text = read_capped(&path, MAX_MANIFEST_BYTES)?;
+        let bytes = read_bounded(&path, MAX_MANIFEST_BYTES).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput => Error::ModelFile { path: path.clone(), message: e.to_string() },
+            _ => Error::io(&path, e),
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| Error::Manifest { path: path.clone(), message: format!("not UTF-8: {e}") })?;
         let mut manifest: Manifest = serde_json::from_str(&text)
             .map_err(|e| Error::Manifest { path: path.clone(), message: e.to_string() })?;
         manifest.dir = dir.to_path_buf();

@@ -33,22 +33,7 @@ const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
 /// Reads an image file: a regular file of at most [`MAX_IMAGE_FILE_BYTES`], refused unread otherwise (a FIFO would
 /// block, `/dev/zero` or a huge file would fill memory).
 fn read_image_file(path: &Path) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let cannot = |e: std::io::Error| Error::Image(format!("cannot read {}: {e}", path.display()));
-    let file = std::fs::File::open(path).map_err(cannot)?;
-    let meta = file.metadata().map_err(cannot)?;
-    if !meta.is_file() {
-        return Err(Error::Image(format!("{} is not a regular file", path.display())));
-    }
-    if meta.len() > MAX_IMAGE_FILE_BYTES {
-        return Err(Error::Image(format!("{} is {} bytes; image files of at most {MAX_IMAGE_FILE_BYTES} are read", path.display(), meta.len())));
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_IMAGE_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(cannot)?;
-    if bytes.len() as u64 > MAX_IMAGE_FILE_BYTES {
-        return Err(Error::Image(format!("{} grew past {MAX_IMAGE_FILE_BYTES} bytes while read", path.display())));
-    }
-    Ok(bytes)
+    crate::manifest::read_bounded(path, MAX_IMAGE_FILE_BYTES).map_err(|e| Error::Image(format!("cannot read {}: {e}", path.display())))
 }
 
 /// How a model is loaded.

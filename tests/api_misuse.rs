@@ -84,7 +84,19 @@ fn an_image_path_that_is_not_a_regular_file_is_refused_unread() {
     // Before, read whole: /dev/zero grew until memory ran out, a FIFO blocked forever.
     let m = fixture();
     let e = m.prepare(&ImageInput::Path("/dev/zero".into()), &Default::default()).unwrap_err().to_string();
-    assert!(e.contains("/dev/zero is not a regular file"), "{e}");
+    assert!(e.contains("/dev/zero") && e.contains("not a regular file"), "{e}");
+    // Opening a FIFO for reading blocks until a writer comes: it must be refused before it is opened.
+    let fifo = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("api-misuse-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = fifo.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(m.prepare(&ImageInput::Path(path), &Default::default()).map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let e = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("prepare on a FIFO blocked").unwrap_err();
+    assert!(e.contains("not a regular file"), "{e}");
+    std::fs::remove_file(&fifo).expect("rm fifo");
 }
 
 #[test]
