@@ -1,12 +1,17 @@
 //! Tests of decoding, limits, resize policies and the resize record.
 
-#[test]
-fn truncated_jpeg_is_rejected_not_filled_with_grey() {
-    let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
+fn encode_jpeg(img: image::RgbImage) -> Vec<u8> {
     let mut jpg = Vec::new();
     image::DynamicImage::ImageRgb8(img)
         .write_to(&mut std::io::Cursor::new(&mut jpg), image::ImageFormat::Jpeg)
         .expect("encode");
+    jpg
+}
+
+#[test]
+fn truncated_jpeg_is_rejected_not_filled_with_grey() {
+    let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
+    let jpg = encode_jpeg(img);
     assert!(decode_image(&jpg, &ImageLimits::default()).is_ok());
     let err = decode_image(&jpg[..jpg.len() * 2 / 3], &ImageLimits::default()).expect_err("truncated");
     assert!(err.to_string().contains("truncated"), "{err}");
@@ -22,10 +27,7 @@ fn stray_bytes_between_jpeg_segments_are_skipped_as_decoders_do() {
     // libjpeg (with a warning) and the decoder skip bytes between segments; the completeness check called such a
     // file truncated.
     let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
-    let mut jpg = Vec::new();
-    image::DynamicImage::ImageRgb8(img)
-        .write_to(&mut std::io::Cursor::new(&mut jpg), image::ImageFormat::Jpeg)
-        .expect("encode");
+    let jpg = encode_jpeg(img);
     let alone = decode_image(&jpg, &ImageLimits::default()).expect("plain");
     let after_app0 = 4 + usize::from(u16::from_be_bytes([jpg[4], jpg[5]]));
     let mut stray = jpg.clone();
@@ -41,10 +43,7 @@ fn a_jpeg_with_data_after_its_end_is_read_like_the_image_alone() {
     // Motion photos append a video after the JPEG's end marker; the video's bytes can hold 0xFFDA after its last
     // 0xFFD9, which made the old check (end marker after the file's last scan marker) call the image truncated.
     let img = image::RgbImage::from_fn(90, 60, |x, y| image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x + y) % 256) as u8]));
-    let mut jpg = Vec::new();
-    image::DynamicImage::ImageRgb8(img)
-        .write_to(&mut std::io::Cursor::new(&mut jpg), image::ImageFormat::Jpeg)
-        .expect("encode");
+    let jpg = encode_jpeg(img);
     let alone = decode_image(&jpg, &ImageLimits::default()).expect("plain");
     let mut motion = jpg.clone();
     motion.extend_from_slice(b"\0\0\0\x18ftypmp42\0\0\0\0");
