@@ -394,8 +394,9 @@ def main(argv=None):
     # Everything is written to a staging directory beside --out, verified there, and only then swapped in: a
     # failed or interrupted export leaves --out as it was (before, a failure left the old manifest and tower next
     # to the new decoder, which the runtime loaded and ran), and files of an earlier model cannot linger.
-    final = args.out
-    args.id = args.id or final.name
+    args.id = args.id or args.out.name
+    # Resolved, so that an --out that is a symlink has its target replaced (not the link, by a directory beside it).
+    final = args.out.resolve()
     staging = final.parent / f".{final.name}.export-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)

@@ -3,7 +3,8 @@
 # or MODEL=models/<id>) for the box of a shape in an example photo no training image used, with Nüwa pruning at
 # budget 64; prints the answer and the box in original-image pixels and draws the kept tokens and the box to
 # out/demo-viz.png. IMAGE / PROMPT / PRUNE override the defaults (paths relative to the repository root); extra
-# arguments go to `nuwa run` and win over the script's own (`--budget 128`, `--viz other.png`).
+# arguments go to `nuwa run`, and a single-valued option there (`--budget 128`, `--viz other.png`) takes its last
+# value, so they win over the script's own; another method or --keep1/--keep2 go through PRUNE=.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup-ort.sh >&2

@@ -18,6 +18,8 @@ pub struct KvCache {
     head_dim: usize,
     len: usize,
     capacity: usize,
+    /// Positions growth stops at (the most a request can append; `usize::MAX` when unknown).
+    limit: usize,
 }
 
 /// A zeroed buffer of `positions * row` values, or an error naming the size: an allocation that fails must not
@@ -47,7 +49,14 @@ impl KvCache {
             head_dim,
             len: 0,
             capacity,
+            limit: usize::MAX,
         })
+    }
+
+    /// Caps growth by doubling at `positions` (a request's prompt plus the tokens it may still decode), so the last
+    /// doubling does not reserve past what can ever be appended.
+    pub fn set_limit(&mut self, positions: usize) {
+        self.limit = positions;
     }
 
     /// Positions held.
@@ -119,7 +128,7 @@ impl KvCache {
             });
         }
         if self.len + new > self.capacity {
-            let cap = (self.len + new).max(self.capacity.saturating_mul(2));
+            let cap = (self.len + new).max(self.capacity.saturating_mul(2).min(self.limit));
             let too_big = || Error::InvalidRequest(format!("the KV cache cannot grow to {cap} positions"));
             let total = cap.checked_mul(self.row).ok_or_else(too_big)?;
             for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
@@ -159,6 +168,13 @@ mod tests {
         assert_eq!(kv.past_shape(), [1, 5, 1, 2]);
         assert_eq!(kv.bytes_used(), 2 * 2 * 5 * 2 * 4);
         assert!(kv.append(1, &[&[1.0]], &[&[1.0]]).is_err());
+        // Growth by doubling stops at the limit, but never refuses what is appended.
+        let mut kv = KvCache::new(0, 1, 1, 1, 4).expect("cache");
+        kv.set_limit(6);
+        kv.append(5, &[&[0.0; 5]], &[&[0.0; 5]]).expect("grow");
+        assert_eq!(kv.capacity, 6, "doubling would give 8");
+        kv.append(3, &[&[0.0; 3]], &[&[0.0; 3]]).expect("past the limit still appends");
+        assert_eq!(kv.capacity, 8);
     }
 
     #[test]

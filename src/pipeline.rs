@@ -62,8 +62,10 @@ pub struct Model {
     tail: DecoderHalf,
     notes: Vec<String>,
     runtime: Arc<Runtime>,
-    /// The longest token's text in bytes: a prompt longer than the context times this cannot fit.
-    max_token_bytes: usize,
+    /// For a tokenizer that keeps every input byte (ByteLevel pre-tokenizer, no normaliser), the most input bytes
+    /// one token covers: a prompt longer than the context times this cannot fit. None for other tokenizers, which
+    /// may drop or collapse text (whitespace splitting), so no length says a prompt will not fit.
+    max_token_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for Model {
@@ -253,7 +255,11 @@ impl Model {
             .collect::<Result<Vec<_>>>()?;
         let tail = DecoderHalf::load(&runtime, &manifest, Half::Tail, &embeddings, &sopts, &mut notes)?;
         notes.dedup();
-        let max_token_bytes = tokenizer.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1);
+        let keeps_every_byte = tokenizer.get_normalizer().is_none()
+            && matches!(tokenizer.get_pre_tokenizer(), Some(tokenizers::PreTokenizerWrapper::ByteLevel(_)));
+        // A ByteLevel token's string has one char per input byte (an added token's, at most one per byte).
+        let max_token_bytes =
+            keeps_every_byte.then(|| tokenizer.get_vocab(true).keys().map(|k| k.chars().count()).max().unwrap_or(1).max(1));
         Ok(Arc::new(Model {
             manifest,
             tokenizer: Arc::new(tokenizer),
@@ -422,14 +428,12 @@ impl Model {
         if prompt.trim().is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
-        // No token covers more than max_token_bytes of text, so a prompt past the context on that count alone is
-        // refused before it is tokenised (25 MB took 14 s and 4 GB to be found too long). The factor 4 leaves room
-        // for normalisers that shorten text, so no prompt that fits is refused.
+        // Where no token covers more than max_token_bytes of the prompt, a prompt past the context on that count
+        // alone is refused before it is tokenised (25 MB took 14 s and 4 GB to be found too long).
         let max_pos = self.manifest.decoder.max_position_embeddings;
-        let longest = max_pos.saturating_mul(self.max_token_bytes).saturating_mul(4);
-        if prompt.len() > longest {
+        if let Some(longest) = self.max_token_bytes.map(|b| max_pos.saturating_mul(b)).filter(|&l| prompt.len() > l) {
             return Err(Error::ContextOverflow(format!(
-                "the prompt is {} bytes: more than {max_pos} positions of this model's tokens can hold",
+                "the prompt is {} bytes: more than {max_pos} positions of this model's tokens can hold ({longest} bytes)",
                 prompt.len()
             )));
         }
@@ -626,6 +630,7 @@ impl Model {
             // `hidden` holds rows `from..` of the current sequence; a shared segment continues its prefix cache.
             let shared = reuse && si < prefix.caches.len();
             let mut cache = if shared { prefix.caches[si].fork(capacity)? } else { seg.new_cache(capacity)? };
+            cache.set_limit(layout.len() + params.max_new_tokens.min(decodable));
             let rows = if shared { p..positions.len() } else { 0..positions.len() };
             match seg.run(hidden.view(), &positions[rows], &mut cache)? {
                 HalfOutput::Head { hidden: h, attention_row } => {

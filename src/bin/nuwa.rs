@@ -615,7 +615,10 @@ fn check_output_file(path: &std::path::Path, option: &str) -> Result<()> {
         anyhow::bail!("{option} {} is a directory", path.display());
     }
     if path.exists() {
+        // An existing file is written in place (a pre-created results file, /dev/null): its directory need not
+        // take new files.
         std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("{option} {} cannot be written", path.display()))?;
+        return Ok(());
     }
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     check_writable_dir(dir, option, path)
