@@ -13,7 +13,7 @@ use nuwa::manifest::{EmbeddingDtype, EmbeddingSpec};
 const VOCAB: usize = 49153;
 
 fn main() -> anyhow::Result<()> {
-    let steps: usize = std::env::var("NUWA_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
+    let steps: usize = std::env::var("NUWA_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).filter(|&n| n > 0).unwrap_or(200);
     let dir = std::env::temp_dir().join(format!("nuwa-bench-lm-head-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     for cols in [256usize, 384, 576] {
@@ -44,8 +44,7 @@ fn main() -> anyhow::Result<()> {
                 table.logits_into(&hidden, &mut logits, pool)?;
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }
-            times.sort_by(f64::total_cmp);
-            let median = times[times.len() / 2];
+            let median = nuwa::bench::median(&mut times);
             println!(
                 "lm_head {VOCAB} x {cols:>3} q8_row, {label}: median {median:.3} ms/token, min {:.3} ({steps} runs), {:.1} GB/s of table",
                 times[0],

@@ -14,11 +14,6 @@ use nuwa::runtime::{Runtime, SessionOptions};
 use ort::session::SessionInputValue;
 use ort::value::Tensor;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Deterministic pseudo-random values in [-1, 1).
 fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
@@ -42,14 +37,14 @@ fn main() -> anyhow::Result<()> {
         let plan = budget.plan(gh, gw)?;
         let cfg = plan.stage1_config(gh, gw);
         nuwa_stage1(&metric, similarity.view(), features.view(), gh, gw, &cfg)?;
-        let times: Vec<f64> = (0..runs)
+        let mut times: Vec<f64> = (0..runs)
             .map(|_| {
                 let t = Instant::now();
                 let out = nuwa_stage1(&metric, similarity.view(), features.view(), gh, gw, &cfg);
                 std::hint::black_box(out).map(|_| t.elapsed().as_secs_f64() * 1e3)
             })
             .collect::<Result<_, _>>()?;
-        let m = median(times);
+        let m = nuwa::bench::median(&mut times);
         println!("stage 1, budget {budget} (keep {} of {n}, {d}-wide): median {m:.3} ms over {runs} runs", plan.keep1);
         stage1.push((budget, m));
     }
@@ -78,7 +73,7 @@ fn main() -> anyhow::Result<()> {
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
-    let enc = median(times);
+    let enc = nuwa::bench::median(&mut times);
     println!("vision encoder {} on {dims:?}: median {enc:.2} ms", vision.display());
     for (budget, m) in stage1 {
         println!("stage 1 at budget {budget} = {:.2}% of the encoder time", 100.0 * m / enc);

@@ -78,8 +78,11 @@ impl Model {
     }
 }
 
-/// The median of `values` (the mean of the two middle ones for an even count); sorts them. `values` is not empty.
-fn median(values: &mut [f64]) -> f64 {
+/// The median of `values` (the mean of the two middle ones for an even count; NaN when empty); sorts them.
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
     if values.len().is_multiple_of(2) {

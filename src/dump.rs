@@ -48,7 +48,26 @@ fn remove_earlier_dump(dir: &Path) -> Result<()> {
 /// Writes the trace of a request into `dir` (created if needed), replacing an earlier dump there.
 pub fn write_trace(dir: &Path, trace: &Trace, extra: serde_json::Value) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let index_path = dir.join("index.json");
+    if index_path.is_dir() {
+        // Found before any array is written: arrays that no index lists could never be cleaned up by a later dump.
+        return Err(Error::io(&index_path, std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory, not the dump's index")));
+    }
     remove_earlier_dump(dir)?;
+    // Checked before anything is written, like the index path above.
+    let s1 = &trace.stage1;
+    let kept2: Vec<usize> = match &trace.stage2 {
+        Some(rel) => rel
+            .iter()
+            .map(|&k| {
+                s1.kept.get(k).copied().ok_or_else(|| Error::Shape {
+                    what: "trace stage2".into(),
+                    message: format!("index {k} among {} Stage-1 tokens", s1.kept.len()),
+                })
+            })
+            .collect::<Result<_>>()?,
+        None => s1.kept.clone(),
+    };
     let mut w = Writer { dir, index: serde_json::Map::new() };
     let contiguous = |what: &str| Error::Shape { what: what.into(), message: "not contiguous".into() };
     let px = &trace.pixels;
@@ -59,7 +78,6 @@ pub fn write_trace(dir: &Path, trace: &Trace, extra: serde_json::Value) -> Resul
     if let Some(cls) = &v.cls_attention {
         w.put("vision_cls_attention", &[cls.len()], cls, "CLS attention over patches, summed over heads [N]")?;
     }
-    let s1 = &trace.stage1;
     w.put("stage1_kept", &[s1.kept.len()], &to_i64(&s1.kept), "raster index of each token kept by Stage 1, in sequence order")?;
     if let Some(p) = &s1.pillar {
         let flags: Vec<u8> = p.iter().map(|&b| u8::from(b)).collect();
@@ -73,10 +91,6 @@ pub fn write_trace(dir: &Path, trace: &Trace, extra: serde_json::Value) -> Resul
     w.put("prompt_ids", &[ids.len()], &ids, "prompt token ids, image placeholders included")?;
     w.put("prompt_positions", &[l.positions.len()], &l.positions, "RoPE position id of every prompt token")?;
     w.put("stage2_attention_row", &[trace.attention_row.len()], &trace.attention_row, "head-mean attention of the last prompt token at layer K-1 over the prompt")?;
-    let kept2: Vec<usize> = match &trace.stage2 {
-        Some(rel) => rel.iter().map(|&k| s1.kept[k]).collect(),
-        None => s1.kept.clone(),
-    };
     w.put("stage2_kept", &[kept2.len()], &to_i64(&kept2), "raster index of each visual token the decoder tail sees")?;
     let index = json!({
         "image_span": [l.image_span.start, l.image_span.end],

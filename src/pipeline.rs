@@ -43,7 +43,8 @@ pub struct LoadOptions {
     pub provider: Provider,
     /// Intra-op threads per session (None: ONNX Runtime's default; at most [`crate::runtime::MAX_INTRA_THREADS`]).
     pub intra_threads: Option<usize>,
-    /// ONNX Runtime library (None: [`crate::runtime::find_library`]).
+    /// ONNX Runtime library (None: [`crate::runtime::find_library`]). A process loads one: a later model that names
+    /// another library than the first is refused.
     pub ort_library: Option<PathBuf>,
     /// Load the unquantised vision graph (`vision.fp32_file`) instead of `vision.file`; a model without one is
     /// refused, not silently run quantised.

@@ -141,15 +141,27 @@ fn check_threads(threads: Option<usize>) -> Result<()> {
 
 impl Runtime {
     /// Loads ONNX Runtime (once per process) from `library`, or from [`find_library`] when `None`, with a shared
-    /// thread pool of `threads` intra-op threads (None: one per core). Later calls return the same runtime.
+    /// thread pool of `threads` intra-op threads (None: one per core). Later calls return the same runtime; one
+    /// that names another library is refused (a process has one ONNX Runtime), not silently given the first.
     pub fn get(library: Option<&Path>, threads: Option<usize>) -> Result<Arc<Runtime>> {
         check_threads(threads)?;
+        let loaded = |rt: &Arc<Runtime>| -> Result<Arc<Runtime>> {
+            let same = |p: &Path| p.canonicalize().ok().zip(rt.library.canonicalize().ok()).is_some_and(|(a, b)| a == b);
+            match library {
+                Some(p) if !same(p) => Err(Error::Runtime(format!(
+                    "ONNX Runtime is already loaded in this process from {}; {} cannot be loaded beside it",
+                    rt.library.display(),
+                    p.display()
+                ))),
+                _ => Ok(rt.clone()),
+            }
+        };
         if let Some(rt) = RUNTIME.get() {
-            return Ok(rt.clone());
+            return loaded(rt);
         }
         let _guard = INIT_LOCK.lock().map_err(|_| Error::Runtime("initialisation lock poisoned".into()))?;
         if let Some(rt) = RUNTIME.get() {
-            return Ok(rt.clone());
+            return loaded(rt);
         }
         let path = match library {
             Some(p) => p.to_path_buf(),
@@ -160,8 +172,9 @@ impl Runtime {
             })?,
         };
         if !path.is_file() {
+            let what = if path.exists() { "is not a file" } else { "does not exist" };
             return Err(Error::Runtime(format!(
-                "library {} does not exist: run scripts/setup-ort.sh or point ORT_DYLIB_PATH at libonnxruntime",
+                "library {} {what}: run scripts/setup-ort.sh or point ORT_DYLIB_PATH at libonnxruntime",
                 path.display()
             )));
         }

@@ -15,13 +15,13 @@ pub struct Stats {
     pub preprocess_ms: f64,
     /// Vision tower.
     pub vision_ms: f64,
-    /// Stage-1 pruning (0 without pruning).
+    /// Stage-1 pruning (near 0 without pruning: only the copy of the features).
     pub stage1_ms: f64,
     /// Projector.
     pub projector_ms: f64,
     /// Prompt prefill through head and tail, Stage 2 included.
     pub prefill_ms: f64,
-    /// Stage-2 pruning (0 without pruning).
+    /// Stage-2 pruning (near 0 without in-decoder pruning).
     pub stage2_ms: f64,
     /// First decoder layer that sees only the Stage-2 (or FastV) selection; None when no in-decoder pruning ran.
     pub stage2_layer: Option<usize>,

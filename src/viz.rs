@@ -45,8 +45,18 @@ fn rect(img: &mut RgbImage, b: [f32; 4], inset: i64, thickness: i64, color: Rgb<
     }
 }
 
-/// Draws the kept tokens of `trace` and `boxes` (original pixels) over `original` and writes a PNG to `out`.
+/// Draws the kept tokens of `trace` and `boxes` (original pixels) over `original` and writes a PNG or JPEG (by the
+/// extension of `out`). `original` must be the image `resize` was recorded for.
 pub fn render(original: &RgbImage, resize: &ResizeRecord, trace: &Trace, patch: usize, boxes: &[[f32; 4]], out: &Path) -> Result<()> {
+    if original.dimensions() != (resize.original_width, resize.original_height) {
+        return Err(Error::InvalidRequest(format!(
+            "the image to draw on is {}x{}, the request's was {}x{}: cells and boxes would land in the wrong places",
+            original.width(),
+            original.height(),
+            resize.original_width,
+            resize.original_height
+        )));
+    }
     let (gh, gw) = (trace.vision.grid_h, trace.vision.grid_w);
     let s1 = &trace.stage1;
     let mut kept = vec![None; gh * gw];
@@ -56,9 +66,15 @@ pub fn render(original: &RgbImage, resize: &ResizeRecord, trace: &Trace, patch: 
         }
     }
     let mut stage2 = vec![false; gh * gw];
+    // Trace fields are public: an index off the grid is skipped, not a panic.
+    let mark = |flags: &mut Vec<bool>, r: usize| {
+        if let Some(f) = flags.get_mut(r) {
+            *f = true;
+        }
+    };
     match &trace.stage2 {
-        Some(rel) => rel.iter().filter_map(|&k| s1.kept.get(k)).for_each(|&r| stage2[r] = true),
-        None => s1.kept.iter().for_each(|&r| stage2[r] = true),
+        Some(rel) => rel.iter().filter_map(|&k| s1.kept.get(k)).for_each(|&r| mark(&mut stage2, r)),
+        None => s1.kept.iter().for_each(|&r| mark(&mut stage2, r)),
     }
     let mut img = original.clone();
     let p = patch as f32;

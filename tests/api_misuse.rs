@@ -118,3 +118,53 @@ fn a_prepared_image_with_tensors_of_another_shape_is_refused() {
     }
     assert!(m.generate_prepared(&good, "What is this?", &GenerationParams::default()).is_ok());
 }
+
+#[test]
+fn a_trace_with_a_stage2_index_off_its_tokens_is_refused_before_any_file_is_written() {
+    let m = fixture();
+    let params = GenerationParams { max_new_tokens: 1, record: true, ..Default::default() };
+    let g = m.generate(&nuwa::Request { image: image(), prompt: "What is this?".into(), params }).expect("generate");
+    let mut trace = g.trace().expect("recorded").clone();
+    let dir = std::env::temp_dir().join(format!("nuwa-api-misuse-dump-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    trace.stage2 = Some(vec![trace.stage1.kept.len() + 3]);
+    // Before: an index panic after half the arrays had been written.
+    let e = nuwa::dump::write_trace(&dir, &trace, serde_json::json!({})).unwrap_err();
+    assert!(matches!(e, Error::Shape { .. }) && e.to_string().contains("stage2"), "{e}");
+    let written: Vec<_> = std::fs::read_dir(&dir).expect("dir").collect();
+    assert!(written.is_empty(), "files written before the refusal: {written:?}");
+    trace.stage2 = Some(vec![0, 1]);
+    nuwa::dump::write_trace(&dir, &trace, serde_json::json!({})).expect("a valid trace is written");
+    assert!(dir.join("index.json").is_file() && dir.join("stage2_kept.npy").is_file());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn drawing_on_an_image_of_another_size_than_the_request_is_refused() {
+    let m = fixture();
+    let params = GenerationParams { max_new_tokens: 1, record: true, ..Default::default() };
+    let g = m.generate(&nuwa::Request { image: image(), prompt: "What is this?".into(), params }).expect("generate");
+    let out = g.output();
+    let trace = g.trace().expect("recorded");
+    let (w, h) = (out.resize.original_width, out.resize.original_height);
+    let png = std::env::temp_dir().join(format!("nuwa-api-misuse-viz-{}.png", std::process::id()));
+    let patch = m.manifest().vision.patch_size;
+    let other = image::RgbImage::new(w + 7, h);
+    let e = nuwa::viz::render(&other, &out.resize, trace, patch, &[], &png).unwrap_err();
+    assert!(e.to_string().contains("wrong places"), "{e}");
+    assert!(!png.exists());
+    let same = image::RgbImage::new(w, h);
+    nuwa::viz::render(&same, &out.resize, trace, patch, &[[1.0, 1.0, 5.0, 5.0]], &png).expect("same size draws");
+    assert!(png.is_file());
+    std::fs::remove_file(&png).ok();
+}
+
+#[test]
+fn a_second_onnx_runtime_library_in_the_same_process_is_refused() {
+    let m = fixture();
+    let loaded = m.runtime().library().to_path_buf();
+    let e = nuwa::runtime::Runtime::get(Some(&root().join("Cargo.toml")), None).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("already loaded"), "{e}");
+    // The library already loaded, named by path, is the same runtime.
+    assert!(nuwa::runtime::Runtime::get(Some(&loaded), None).is_ok());
+}

@@ -105,8 +105,8 @@ struct RunArgs {
     /// Write every intermediate tensor of the request as .npy files with an index.json into this directory.
     #[arg(long)]
     dump: Option<PathBuf>,
-    /// Write the image with the kept tokens (yellow: pillars, cyan: aggregated, white frame: kept by Stage 2) and
-    /// predicted boxes (red) drawn on it.
+    /// Write the image with the kept tokens (yellow: pillars, cyan: aggregated, green: kept by a plain selection,
+    /// white frame: kept by Stage 2) and predicted boxes (red) drawn on it.
     #[arg(long)]
     viz: Option<PathBuf>,
 }
@@ -290,6 +290,9 @@ fn run(a: RunArgs) -> Result<()> {
     if let Some(dir) = &a.dump {
         std::fs::create_dir_all(dir).with_context(|| format!("creating --dump {}", dir.display()))?;
         check_writable_dir(dir, "--dump", dir)?;
+        if dir.join("index.json").is_dir() {
+            anyhow::bail!("--dump {}: its index.json is a directory", dir.display());
+        }
     }
     let prune = a.prune.config(a.seed);
     let model = a.model.load()?;
