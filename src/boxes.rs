@@ -46,6 +46,11 @@ pub struct ImageBox {
 
 /// Finds every well-formed `[a, b, c, d]` group in `text` that fits `format`.
 pub fn parse_boxes(text: &str, format: &BoxFormat) -> Vec<ParsedBox> {
+    four_number_groups(text).into_iter().filter(|g| fits(&g.coords, format)).collect()
+}
+
+/// Every bracketed group of four plain numbers in `text`, whatever their values.
+fn four_number_groups(text: &str) -> Vec<ParsedBox> {
     let mut out = Vec::new();
     let bytes = text.as_bytes();
     let mut i = 0;
@@ -63,9 +68,7 @@ pub fn parse_boxes(text: &str, format: &BoxFormat) -> Vec<ParsedBox> {
         }
         // '[' and ']' are ASCII, so both ends are character boundaries.
         if let Some(coords) = text.get(i + 1..end).and_then(parse_four) {
-            if fits(&coords, format) {
-                out.push(ParsedBox { span: i..end + 1, coords });
-            }
+            out.push(ParsedBox { span: i..end + 1, coords });
         }
         i = end + 1;
     }
@@ -118,15 +121,23 @@ pub fn to_model_pixels(coords: [f32; 4], format: &BoxFormat, record: &ResizeReco
 /// written. Clamping would turn it into a zero-width or zero-height box on the image's edge, which the model never
 /// pointed at; the text keeps what it wrote.
 pub fn extract_boxes(text: &str, format: &BoxFormat, record: &ResizeRecord) -> Vec<ImageBox> {
-    parse_boxes(text, format)
-        .into_iter()
-        .filter_map(|p| {
-            let model = to_model_pixels(p.coords, format, record);
-            let original = record.to_original_box(model);
-            let on_image = original[2] > original[0] && original[3] > original[1];
-            on_image.then_some(ImageBox { span: p.span, coords: p.coords, model, original })
-        })
-        .collect()
+    parse_boxes(text, format).into_iter().filter_map(|p| to_image_box(p, format, record)).collect()
+}
+
+/// The box an answer gives first: the first bracketed group of four numbers in `text`, mapped to original pixels.
+/// None when the text has no such group, or when its first one does not fit `format` (`[0.1, 0.1, 1.2, 0.9]`) or
+/// has no area on the image: a grounding answer whose first box is malformed is wrong, not rescued by a later one
+/// that [`extract_boxes`] would still find.
+pub fn first_box(text: &str, format: &BoxFormat, record: &ResizeRecord) -> Option<ImageBox> {
+    let first = four_number_groups(text).into_iter().next()?;
+    fits(&first.coords, format).then_some(first).and_then(|p| to_image_box(p, format, record))
+}
+
+fn to_image_box(p: ParsedBox, format: &BoxFormat, record: &ResizeRecord) -> Option<ImageBox> {
+    let model = to_model_pixels(p.coords, format, record);
+    let original = record.to_original_box(model);
+    let on_image = original[2] > original[0] && original[3] > original[1];
+    on_image.then_some(ImageBox { span: p.span, coords: p.coords, model, original })
 }
 
 #[cfg(test)]

@@ -154,6 +154,19 @@ fn a_synthetic_output_is_scored_through_the_box_mapping() {
     // The same box without the padding offset (y 200..300) overlaps by 33 of 167 rows: wrong.
     let unpadded = Expected::Grounding { bbox: [100.0, 200.0, 300.0, 300.0] };
     assert!(!score(&unpadded, &out.text, &out.boxes).correct);
+
+    // The answer's box is its first group of four numbers: a malformed first box is no box, not rescued by a
+    // later one (before, `[1.2, ...]` was skipped and the second box scored).
+    let first = |t: &str| nuwa::boxes::first_box(t, &m.box_format, &resize).map(|b| b.original);
+    let rescued = "[0.10, 0.10, 1.20, 0.90] or [0.25, 0.5, 0.75, 0.75]";
+    assert_eq!(nuwa::boxes::extract_boxes(rescued, &m.box_format, &resize).len(), 1, "the valid box is still found");
+    assert_eq!(first(rescued), None);
+    assert!(!score(&right, rescued, first(rescued).as_slice()).correct);
+    // A first box wholly in the padding (y < 67 / 400) has no area on the photo: no box either.
+    assert_eq!(first("[0.1, 0.0, 0.9, 0.1] [0.25, 0.5, 0.75, 0.75]"), None);
+    // Text in other brackets does not count as a box; the first four-number group does.
+    let ok = first("[the vase] at [0.25, 0.5, 0.75, 0.75], not [0.0, 0.5, 0.1, 0.6]");
+    assert!(score(&right, "", ok.as_slice()).correct, "{ok:?}");
 }
 
 // ---------------------------------------------------------------- data
@@ -283,6 +296,12 @@ fn sweep_specs() {
         let e = parse_sweep(blank, &t).unwrap_err().to_string();
         assert!(e.contains("the sweep is empty"), "{e}");
     }
+    // Separators alone ("$A;$B" with both unset) name no setting: before, `none` ran alone.
+    for empty in [";", " ; ;"] {
+        let e = parse_sweep(empty, &t).unwrap_err().to_string();
+        assert!(e.contains("names no setting"), "{empty:?}: {e}");
+    }
+    assert_eq!(parse_sweep("none", &t).expect("none alone is a setting").len(), 1);
     assert_eq!(all, parse_sweep(DEFAULT_SWEEP, &t).expect("default"));
     assert_eq!(all.len(), 1 + 7 * 3);
     assert_eq!(label(&all[0]), "none");
@@ -861,20 +880,32 @@ fn a_stopped_sweep_resumes_from_its_predictions_with_the_same_table() {
     assert_eq!(rows(&resumed), rows(&full));
     assert_eq!(keys(&part), keys(&full_path), "every item once, the cut line replaced");
 
-    // The verdicts read back are the ones the table counts: an item doctored to correct is counted correct (the
-    // random-weight fixture answers nothing right, so the comparison above alone cannot tell).
-    let mut first: Value = serde_json::from_str(lines[0]).expect("json");
-    first["correct"] = Value::Bool(true);
-    let doctored = tmp("resume/doctored.jsonl");
-    std::fs::write(&doctored, format!("{first}\n{}\n", lines[1..4].join("\n"))).expect("write");
-    let o = run(&doctored, &["--resume"]);
-    let (run_label, kind) = (first["run"].as_str().expect("run"), first["kind"].as_str().expect("kind"));
+    // The answers read back are the ones the table counts, scored against the data as it is now (the random-weight
+    // fixture answers nothing right, so the comparison above alone cannot tell). A stored verdict alone is not
+    // trusted: an item whose `correct` was flipped still counts as wrong.
+    let original: Value = serde_json::from_str(lines[0]).expect("json");
+    let (run_label, kind) = (original["run"].as_str().expect("run"), original["kind"].as_str().expect("kind"));
     let counted = |o: &ProcessOutput| {
         let v = json_stdout(o);
         let row = v["rows"].as_array().expect("rows").iter().find(|r| r["label"] == run_label).expect("row").clone();
         row[format!("{kind}_correct").as_str()].as_u64().expect("count")
     };
-    assert_eq!(counted(&o), counted(&full) + 1, "{run_label} {kind}");
+    let doctored = tmp("resume/doctored.jsonl");
+    let mut flipped = original.clone();
+    flipped["correct"] = Value::Bool(true);
+    std::fs::write(&doctored, format!("{flipped}\n{}\n", lines[1..4].join("\n"))).expect("write");
+    assert_eq!(counted(&run(&doctored, &["--resume"])), counted(&full), "a flipped verdict is scored anew");
+    // An answer that is right (the data's own answer or box put in the file) is counted right.
+    let line_no = original["line"].as_u64().expect("line") as usize;
+    let source_line = std::fs::read_to_string(mini()).expect("mini").lines().nth(line_no - 1).expect("data line").to_string();
+    let source: Value = serde_json::from_str(&source_line).expect("data json");
+    let mut right = original.clone();
+    match kind {
+        "vqa" => right["text"] = source["answer"].clone(),
+        _ => right["predicted_box"] = source["bbox"].clone(),
+    }
+    std::fs::write(&doctored, format!("{right}\n{}\n", lines[1..4].join("\n"))).expect("write");
+    assert_eq!(counted(&run(&doctored, &["--resume"])), counted(&full) + 1, "{run_label} {kind}");
 
     // Resuming a finished run runs nothing and gives the same table.
     let again = run(&part, &["--resume"]);
@@ -946,4 +977,50 @@ fn items_on_one_image_anywhere_in_the_file_give_the_results_they_give_alone() {
         let want: Vec<(u64, String, String)> = together.iter().filter(|t| t.0 == i as u64 + 1).map(|t| (1, t.1.clone(), t.2.clone())).collect();
         assert_eq!(alone, want, "item {}", i + 1);
     }
+}
+
+#[test]
+fn a_table_path_naming_a_directory_is_refused() {
+    let dir = tmp("table-dir");
+    std::fs::create_dir_all(&dir).expect("dir");
+    // Before: DIR/.md and DIR/.json, hidden files.
+    for stem in [dir.clone(), PathBuf::from(format!("{}/", tmp("not-yet").display()))] {
+        let e = Table::paths(&stem).unwrap_err().to_string();
+        assert!(e.contains("names a directory"), "{}: {e}", stem.display());
+    }
+    let (md, json) = Table::paths(&dir.join("results.md")).expect("a file stem");
+    assert_eq!((md, json), (dir.join("results.md"), dir.join("results.json")));
+}
+
+#[test]
+fn a_rejected_eval_leaves_an_earlier_predictions_file_alone() {
+    let p = tmp("kept-predictions.jsonl");
+    let earlier = "{\"an earlier run\": true}\n";
+    let data = mini();
+    let data_s = data.to_str().expect("path");
+    for bad in [["--prune", "nuwa", "--budget", "7"], ["--max-tokens", "0", "--seed", "1"]] {
+        std::fs::write(&p, earlier).expect("write");
+        let mut args = vec!["eval", "--model", "models/tiny-llava-clip", "--data", data_s, "--predictions", p.to_str().expect("path")];
+        args.extend(bad);
+        let o = nuwa(&args);
+        assert_eq!(o.status.code(), Some(1), "{bad:?}");
+        // Before, the file was created (emptied) first and the settings checked after.
+        assert_eq!(std::fs::read_to_string(&p).expect("read"), earlier, "{bad:?}: {}", stderr(&o));
+    }
+    let o = nuwa(&["eval", "--model", "models/tiny-llava-clip", "--data", data_s, "--out", &format!("{}/", tmp("outdir").display())]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("names a directory"), "{}", stderr(&o));
+}
+
+#[cfg(unix)]
+#[test]
+fn a_data_path_that_is_a_fifo_is_refused_not_waited_on() {
+    let fifo = tmp("data.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    // Before: std::fs::read blocked until a writer came, forever.
+    let e = Dataset::load(&fifo, None).unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    std::fs::remove_file(&fifo).ok();
 }

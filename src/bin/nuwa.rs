@@ -497,7 +497,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     // at the end to a path that could never be written, nor overwrite the data or each other.
     let mut outputs: Vec<(&str, PathBuf)> = Vec::new();
     if let Some(out) = &a.out {
-        let (md, json) = Table::paths(out);
+        let (md, json) = Table::paths(out)?;
         outputs.push(("--out", md));
         outputs.push(("--out", json));
     }
@@ -521,6 +521,11 @@ fn eval(a: EvalArgs) -> Result<()> {
     let labels: Vec<String> = settings.iter().map(eval::label).collect();
     // The manifest alone names the model, so a predictions file of another model is refused before loading it.
     let manifest = nuwa::manifest::Manifest::load(&a.model.model)?;
+    // Before --predictions is created (which empties it): a typo must not cost an earlier run's results.
+    eval::check_settings(&manifest, &settings)?;
+    if a.max_tokens == 0 {
+        anyhow::bail!("--max-tokens must be at least 1");
+    }
     let made = eval::predictions::Made {
         model: manifest.id.clone(),
         max_new_tokens: a.max_tokens,
@@ -545,15 +550,19 @@ fn eval(a: EvalArgs) -> Result<()> {
         None => None,
     };
     let model = a.model.load()?;
-    eval::check_settings(&model, &settings)?;
     let mut progress = Progress::new(data.items.len() * settings.len() - resumed.len(), !a.quiet);
     progress.set_label(&if settings.len() > 1 { format!("{} settings", settings.len()) } else { labels[0].clone() });
     // Predictions are written as items are scored, so a sweep that is stopped keeps what it has done.
     let mut write_error = None;
+    let sources: std::collections::HashMap<usize, &eval::EvalItem> = data.items.iter().map(|it| (it.line, it)).collect();
     let runs = eval::evaluate_sweep_from(&model, &data, &settings, a.max_tokens, resumed.items, |i, e| {
         progress.tick(matches!(e, ItemEvent::Failed(_)));
         if let (Some(w), ItemEvent::Scored(item), None) = (predictions.as_mut(), &e, &write_error) {
-            if let Err(err) = write_prediction(w, item, &labels[i], &made) {
+            let written = match sources.get(&item.line) {
+                Some(source) => write_prediction(w, item, source, &labels[i], &made),
+                None => Err(anyhow::anyhow!("a result for line {}, which the data does not hold", item.line)),
+            };
+            if let Err(err) = written {
                 write_error = Some(err);
             }
         }
@@ -652,8 +661,14 @@ fn create_parent_dir(path: &std::path::Path, option: &str) -> Result<()> {
 }
 
 /// Appends one scored item, with the label of its run, to the predictions file and flushes it.
-fn write_prediction(w: &mut impl Write, item: &nuwa::eval::ItemResult, run: &str, made: &nuwa::eval::predictions::Made) -> Result<()> {
-    writeln!(w, "{}", nuwa::eval::predictions::line(item, run, made)?)?;
+fn write_prediction(
+    w: &mut impl Write,
+    item: &nuwa::eval::ItemResult,
+    source: &nuwa::eval::EvalItem,
+    run: &str,
+    made: &nuwa::eval::predictions::Made,
+) -> Result<()> {
+    writeln!(w, "{}", nuwa::eval::predictions::line(item, source, run, made)?)?;
     w.flush()?;
     Ok(())
 }

@@ -18,6 +18,10 @@ use serde_json::Value;
 use super::metrics::Expected;
 use crate::error::{Error, Result};
 
+/// Largest data (or predictions) file read, 1 GiB: a million items take about 200 MB. The file must be a regular
+/// file: a FIFO would block the read.
+pub const MAX_DATA_FILE_BYTES: u64 = 1 << 30;
+
 /// One usable line of the data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalItem {
@@ -60,7 +64,7 @@ impl Dataset {
     /// [`Dataset::unreadable`].
     pub fn load(path: impl AsRef<Path>, limit: Option<usize>) -> Result<Dataset> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::manifest::read_bounded(path, MAX_DATA_FILE_BYTES).map_err(|e| Error::io(path, e))?;
         let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
         let mut items = Vec::new();
         let mut unreadable = Vec::new();

@@ -191,7 +191,8 @@ pub fn vqa_correct(expected: &str, predicted: &str) -> (bool, String) {
 }
 
 /// Scores a generated answer: `text` for VQA, `boxes` (original pixels, in the order they appear) for grounding,
-/// where only the first box counts and no box is wrong.
+/// where only the first box counts and no box is wrong (the evaluation passes the answer's first group of four
+/// numbers, [`crate::boxes::first_box`], so that a malformed first box is no box).
 pub fn score(expected: &Expected, text: &str, boxes: &[[f32; 4]]) -> Score {
     match expected {
         Expected::Grounding { bbox } => match boxes.first() {

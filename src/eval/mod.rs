@@ -265,6 +265,8 @@ pub fn evaluate_sweep_from(
                 match outcome {
                     Ok(out) => {
                         let s = &out.stats;
+                        // The answer's first group of four numbers is its box; a malformed one is no box.
+                        let first = crate::boxes::first_box(&out.text, &model.manifest().box_format, &out.resize).map(|b| b.original);
                         let target = match &item.expected {
                             Expected::Grounding { bbox } => {
                                 let b = out.resize.to_model_box(bbox.map(|v| v as f32));
@@ -275,7 +277,7 @@ pub fn evaluate_sweep_from(
                         let result = ItemResult {
                             line: item.line,
                             kind: item.expected.kind(),
-                            score: score(&item.expected, &out.text, &out.boxes),
+                            score: score(&item.expected, &out.text, first.as_slice()),
                             ttft_ms: s.ttft_ms,
                             visual_tokens_kept: s.visual_tokens_kept,
                             visual_tokens_after_stage1: s.visual_tokens_after_stage1,
@@ -340,7 +342,9 @@ pub fn parse_sweep(spec: &str, template: &PruneConfig) -> Result<Vec<PruneConfig
     };
     let mut out = vec![make(Method::None, Amount::All)];
     let mut seen: std::collections::HashSet<String> = out.iter().map(label).collect();
+    let mut entries = 0;
     for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        entries += 1;
         let (name, budgets) = match entry.split_once(':') {
             Some((n, b)) => (n.trim(), Some(b)),
             None => (entry, None),
@@ -377,14 +381,21 @@ pub fn parse_sweep(spec: &str, template: &PruneConfig) -> Result<Vec<PruneConfig
             }
         }
     }
+    // ";" or " ; " (unset variables in "$A;$B") would otherwise run `none` alone.
+    if entries == 0 {
+        return Err(Error::InvalidRequest(format!("the sweep {spec:?} names no setting: give settings (\"nuwa:64;fastv:64\") or \"default\"")));
+    }
     Ok(out)
 }
 
 /// Checks every setting of a sweep against the model's grid, so a bad budget fails before hours of work.
-pub fn check_settings(model: &Model, settings: &[PruneConfig]) -> Result<()> {
-    let v = &model.manifest().vision;
+pub fn check_settings(manifest: &crate::manifest::Manifest, settings: &[PruneConfig]) -> Result<()> {
+    let v = &manifest.vision;
     for s in settings {
-        s.resolve(v.grid_h, v.grid_w).map_err(|e| Error::InvalidRequest(format!("{}: {e}", label(s))))?;
+        s.resolve(v.grid_h, v.grid_w).map_err(|e| match e {
+            Error::InvalidRequest(m) => Error::InvalidRequest(format!("{}: {m}", label(s))),
+            other => Error::InvalidRequest(format!("{}: {other}", label(s))),
+        })?;
     }
     Ok(())
 }

@@ -303,8 +303,17 @@ impl Table {
     }
 
     /// The two files [`Table::write`] writes for `stem`: `STEM.md` and `STEM.json` (a stem ending in `.md` or
-    /// `.json` loses that extension first).
-    pub fn paths(stem: &Path) -> (PathBuf, PathBuf) {
+    /// `.json` loses that extension first). A stem that names a directory (an existing one, or a path ending in a
+    /// separator) is refused: it would give hidden files `DIR/.md` and `DIR/.json`.
+    pub fn paths(stem: &Path) -> Result<(PathBuf, PathBuf)> {
+        let text = stem.as_os_str().to_string_lossy();
+        if stem.file_name().is_none() || text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR) || stem.is_dir() {
+            return Err(Error::InvalidRequest(format!(
+                "the table's path {} names a directory: give a file stem such as {}",
+                stem.display(),
+                stem.join("results").display()
+            )));
+        }
         let stem = match stem.extension().and_then(|e| e.to_str()) {
             Some("md" | "json") => stem.with_extension(""),
             _ => stem.to_path_buf(),
@@ -313,13 +322,13 @@ impl Table {
         md.push(".md");
         let mut json = stem.into_os_string();
         json.push(".json");
-        (PathBuf::from(md), PathBuf::from(json))
+        Ok((PathBuf::from(md), PathBuf::from(json)))
     }
 
     /// Writes `<stem>.md` and `<stem>.json` (a trailing `.md` or `.json` on `stem` is dropped), creating the
     /// directory; returns both paths.
     pub fn write(&self, stem: &Path) -> Result<(PathBuf, PathBuf)> {
-        let (md, json) = Table::paths(stem);
+        let (md, json) = Table::paths(stem)?;
         if let Some(dir) = md.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
