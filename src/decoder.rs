@@ -102,6 +102,18 @@ impl DecoderHalf {
             }
         };
         let opened = rt.open(stage, &m.file(file), field, opts)?;
+        // Before any per-layer name is built: the graph's input count bounds the layers the manifest may claim.
+        let expected_inputs = 2 + 2 * layers.len();
+        if opened.session.inputs().len() != expected_inputs {
+            return Err(Error::Manifest {
+                path: opened.path.clone(),
+                message: format!(
+                    "{stage} graph has {} inputs but layers {:?} of the manifest account for {expected_inputs}: wrong decoder.split_layer or num_layers?",
+                    opened.session.inputs().len(),
+                    layers
+                ),
+            });
+        }
         let names = |t: &str| layers.clone().map(|l| layer_name(t, l)).collect::<Vec<_>>();
         let (past_keys, past_values, new_keys, new_values) = (names(pk), names(pv), names(nk), names(nv));
         let h = Some(d.hidden_size as i64);
@@ -133,17 +145,6 @@ impl DecoderHalf {
             outputs.push(Expect { name: r, field: "decoder.head.attention_row", ty: f32t, dims: vec![Some(1), None] });
         }
         opened.validate(&inputs, &outputs)?;
-        let expected_inputs = inputs.len();
-        if opened.session.inputs().len() != expected_inputs {
-            return Err(Error::Manifest {
-                path: opened.path.clone(),
-                message: format!(
-                    "{stage} graph has {} inputs but layers {:?} of the manifest account for {expected_inputs}: wrong decoder.split_layer or num_layers?",
-                    opened.session.inputs().len(),
-                    layers
-                ),
-            });
-        }
         // The table's shape matches the vocabulary and width: Manifest::validate checks embeddings.rows/cols against
         // decoder.vocab_size/hidden_size, and Embeddings::open maps exactly that shape.
         let lm_head = match half {

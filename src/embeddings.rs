@@ -37,6 +37,16 @@ impl std::fmt::Debug for Embeddings {
 impl Embeddings {
     /// Maps the table described by `spec` from `path`, checking that the file is large enough.
     pub fn open(path: &Path, spec: &EmbeddingSpec) -> Result<Self> {
+        // Before opening: opening a FIFO blocks, and a device has no size to check.
+        match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => {
+                return Err(Error::ModelFile {
+                    path: path.to_path_buf(),
+                    message: "the embedding table (manifest field embeddings.file) is not a regular file".into(),
+                })
+            }
+            _ => {}
+        }
         let file = File::open(path).map_err(|e| Error::ModelFile {
             path: path.to_path_buf(),
             message: format!("cannot open the embedding table (manifest field embeddings.file): {e}"),
@@ -138,6 +148,17 @@ impl Embeddings {
                 }
             }
         }
+        // Checked where a row is read (f16/f32 tables are not scanned at open: a 7B model's is 256 MB; a q8_row
+        // table's scales are checked at open and its int8 values are finite): an infinite value would make this
+        // token's logit +-inf through the tied lm_head, and greedy decoding would pick it without a word.
+        if self.dtype != EmbeddingDtype::Q8Row {
+            if let Some(c) = out.iter().position(|v| !v.is_finite()) {
+                return Err(Error::ModelFile {
+                    path: self.path.clone(),
+                    message: format!("embedding row {id} holds {} at column {c}: the table's values must be finite (a damaged file?)", out[c]),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -188,6 +209,18 @@ impl Embeddings {
                     *o = dot::f32s(&buf, hidden);
                 }
             }
+        }
+        // Finite rows and a finite hidden state can still overflow (a huge q8_row scale, or f32 values near the
+        // limit): greedy decoding would pick an infinite logit every time, so it is refused here, once per token
+        // (a pass over the vocabulary, small beside the dot products).
+        if let Some(bad) = out.iter().position(|v| !v.is_finite()) {
+            return Err(Error::ModelFile {
+                path: self.path.clone(),
+                message: format!(
+                    "the tied lm_head (the embedding table) gave logit {} for token {bad}: logits must be finite (a damaged table?)",
+                    out[bad]
+                ),
+            });
         }
         Ok(())
     }
@@ -540,6 +573,79 @@ mod tests {
         }
         assert!(worst < 1e-3, "int16 hidden state: max error {worst}");
         assert!(one.iter().any(|&v| v.abs() > 1.0), "non-trivial logits");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_table_that_is_not_a_regular_file_is_refused_without_opening_it() {
+        // Before, File::open on a FIFO blocked until a writer came: the model load hung.
+        let dir = std::env::temp_dir().join(format!("nuwa-emb-{}-fifo", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("table.bin");
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+        assert!(made.success());
+        let (send, recv) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = send.send(Embeddings::open(&path, &spec("t", EmbeddingDtype::F32, 1, 1, 0)).map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let got = recv.recv_timeout(std::time::Duration::from_secs(20));
+        if got.is_err() {
+            // Unblock the opener before failing, so the test process can end.
+            let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+        }
+        let err = got.expect("Embeddings::open hung on a FIFO").unwrap_err();
+        assert!(err.contains("table.bin") && err.contains("not a regular file") && err.contains("embeddings.file"), "{err}");
+        let err = Embeddings::open(&dir, &spec("t", EmbeddingDtype::F32, 1, 1, 0)).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "a directory: {err}");
+    }
+
+    #[test]
+    fn non_finite_f16_and_f32_values_are_refused_where_a_row_is_read() {
+        // Before, an infinite value reached the tied lm_head's logits and greedy decoding picked that token every
+        // time; a gathered row carried it into the decoder.
+        let f16 = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes().to_vec();
+        let f32b = |v: f32| v.to_le_bytes().to_vec();
+        for (name, dtype, enc) in [("nf16", EmbeddingDtype::F16, &f16 as &dyn Fn(f32) -> Vec<u8>), ("nf32", EmbeddingDtype::F32, &f32b)] {
+            for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+                let bytes: Vec<u8> = [0.5f32, -1.0, 2.0, bad, 0.25, 0.75].iter().flat_map(|&v| enc(v)).collect();
+                let path = temp_file(name, &bytes);
+                let e = Embeddings::open(&path, &spec("t", dtype, 3, 2, 0)).unwrap();
+                let mut row = [0.0f32; 2];
+                e.row_into(0, &mut row).unwrap();
+                e.row_into(2, &mut row).unwrap();
+                let err = e.row_into(1, &mut row).unwrap_err().to_string();
+                assert!(err.contains(name) && err.contains("embedding row 1") && err.contains("column 1") && err.contains("finite"), "{err}");
+                let mut out = ndarray::Array2::<f32>::zeros((2, 2));
+                assert!(e.gather_into(&[0, 1], out.view_mut()).is_err(), "{name}: gather");
+                let err = e.logits_into(&[1.0, 1.0], &mut [0.0; 3], None).unwrap_err().to_string();
+                assert!(err.contains(name) && err.contains("embedding row 1"), "{err}");
+                e.logits_into(&[1.0, 1.0], &mut [0.0; 1], None).unwrap(); // the bad row lies past this vocabulary
+            }
+        }
+    }
+
+    #[test]
+    fn a_logit_that_overflows_is_refused() {
+        // Finite rows and a finite hidden state whose product overflows f32, for each kind of table.
+        let mut f32b = Vec::new();
+        for v in [1.0f32, 1.0, 3e38, 3e38] {
+            f32b.extend_from_slice(&v.to_le_bytes());
+        }
+        let mut q8 = Vec::new();
+        for scale in [1.0f32, 3e38] {
+            q8.extend_from_slice(&scale.to_le_bytes());
+            q8.extend([127u8, 127]);
+        }
+        for (name, dtype, bytes) in [("of32", EmbeddingDtype::F32, f32b), ("oq8", EmbeddingDtype::Q8Row, q8)] {
+            let path = temp_file(name, &bytes);
+            let e = Embeddings::open(&path, &spec("t", dtype, 2, 2, 0)).unwrap();
+            let mut out = [0.0f32; 2];
+            let err = e.logits_into(&[10.0, 10.0], &mut out, None).unwrap_err().to_string();
+            assert!(err.contains(name) && err.contains("lm_head") && err.contains("token 1") && err.contains("inf"), "{err}");
+            e.logits_into(&[10.0, 10.0], &mut out[..1], None).unwrap();
+        }
     }
 
     #[test]

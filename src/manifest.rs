@@ -21,8 +21,13 @@ pub const MAX_POSITIONS: usize = 1 << 24;
 /// The largest `manifest.json` read (a manifest is a few kB; a path to a device or a huge file is refused unread).
 const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 
+/// The most decoder layers a manifest may declare (the largest open models have ~130): the loaders build names per
+/// layer before a graph can say otherwise, so a corrupt count must not reach them.
+pub const MAX_DECODER_LAYERS: usize = 4096;
+
 /// A parsed and validated `manifest.json`, plus the directory it came from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Format version; must equal [`FORMAT_VERSION`].
     pub format_version: u32,
@@ -49,6 +54,9 @@ pub struct Manifest {
     pub prompt: PromptSpec,
     /// How box answers are written.
     pub box_format: BoxFormat,
+    /// Where the exporter placed the in-decoder pruning (restates the decoder's split; checked to agree).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruning: Option<PruningSpec>,
     /// Quantisation report written by the exporter (informative).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<serde_json::Value>,
@@ -57,8 +65,22 @@ pub struct Manifest {
     pub dir: PathBuf,
 }
 
+/// The manifest's `pruning` block: the layers the exporter split the decoder at for pruning. It restates
+/// `decoder.split_layer` (Stage 2) and `decoder.head_end()` (FastV's cut); [`Manifest::validate`] refuses a copy
+/// where they disagree, since the runtime prunes where the graphs are split, whatever this block says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruningSpec {
+    /// First decoder layer that sees only the Stage-2 selection.
+    pub stage2_layer: usize,
+    /// First decoder layer that sees only FastV's selection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fastv_layer: Option<usize>,
+}
+
 /// The vision tower graph and its Stage-1 signals.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VisionSpec {
     /// Graph the runtime loads.
     pub file: String,
@@ -103,6 +125,7 @@ impl VisionSpec {
 
 /// The projector graph.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProjectorSpec {
     /// Graph file.
     pub file: String,
@@ -155,6 +178,7 @@ impl EmbeddingDtype {
 
 /// Where the token-embedding table lies (memory-mapped, row-major [rows, cols]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EmbeddingSpec {
     /// File holding the table.
     pub file: String,
@@ -171,6 +195,7 @@ pub struct EmbeddingSpec {
 
 /// The decoder, split at `split_layer` into a head and a tail graph.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DecoderSpec {
     /// Total decoder layers N.
     pub num_layers: usize,
@@ -210,6 +235,7 @@ impl DecoderSpec {
 
 /// Tensor names and layers of a middle decoder segment.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DecoderMiddleSpec {
     /// Graph file.
     pub file: String,
@@ -241,6 +267,7 @@ fn default_kv_dtype() -> String {
 
 /// Tensor names of the decoder head graph.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DecoderHeadSpec {
     /// Graph file.
     pub file: String,
@@ -264,6 +291,7 @@ pub struct DecoderHeadSpec {
 
 /// Tensor names of the decoder tail graph.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DecoderTailSpec {
     /// Graph file.
     pub file: String,
@@ -290,6 +318,7 @@ pub struct DecoderTailSpec {
 
 /// Tokenizer file and special tokens.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TokenizerSpec {
     /// tokenizer.json file.
     pub file: String,
@@ -309,6 +338,7 @@ pub struct TokenizerSpec {
 
 /// Prompt layout rendered from the chat template.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PromptSpec {
     /// Template with exactly one `{image}` and one `{prompt}`.
     pub template: String,
@@ -423,18 +453,19 @@ impl Manifest {
             (1..=states).contains(&(v.similarity_layers as i64)),
             format!("vision.similarity_layers {} must lie in [1, {states}]", v.similarity_layers),
         )?;
-        check(
-            im.std.iter().all(|s| s.is_finite() && *s != 0.0) && im.mean.iter().all(|m| m.is_finite()),
-            "image.std must be finite and non-zero, image.mean finite".into(),
-        )?;
-        check(im.rescale.is_finite() && im.rescale > 0.0, format!("image.rescale must be positive, got {}", im.rescale))?;
+        // The request-time check, here so that a bad value is a manifest error at load, not a failure of every
+        // request that does not name the manifest.
+        im.validate().map_err(|m| self.err(m))?;
         check(
             v.cls_attention_output.is_some() == v.has_cls,
             "vision.cls_attention_output must be given exactly when vision.has_cls is true".into(),
         )?;
 
         let d = &self.decoder;
-        check(d.num_layers >= 2, format!("decoder.num_layers must be at least 2, got {}", d.num_layers))?;
+        check(
+            (2..=MAX_DECODER_LAYERS).contains(&d.num_layers),
+            format!("decoder.num_layers must lie in [2, {MAX_DECODER_LAYERS}], got {}", d.num_layers),
+        )?;
         check(
             d.split_layer >= 1 && d.split_layer < d.num_layers,
             format!("decoder.split_layer {} must lie in [1, {})", d.split_layer, d.num_layers),
@@ -486,6 +517,19 @@ impl Manifest {
             format!("decoder.middle segments end at layer {at} but decoder.split_layer is {}", d.split_layer),
         )?;
 
+        if let Some(pr) = &self.pruning {
+            check(
+                pr.stage2_layer == d.split_layer,
+                format!("pruning.stage2_layer {} differs from decoder.split_layer {}", pr.stage2_layer, d.split_layer),
+            )?;
+            if let Some(f) = pr.fastv_layer {
+                check(
+                    f == d.head_end(),
+                    format!("pruning.fastv_layer {f} differs from the decoder's first cut, layer {}", d.head_end()),
+                )?;
+            }
+        }
+
         check(
             d.tail.logits.is_some() != d.tail.final_hidden.is_some(),
             "decoder.tail must name exactly one of `logits` (lm_head inside the graph) and `final_hidden` (lm_head = the embeddings table)".into(),
@@ -533,5 +577,126 @@ mod tests {
     #[test]
     fn layer_names_are_global() {
         assert_eq!(layer_name("past_key.%d", 17), "past_key.17");
+    }
+
+    fn models() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models")
+    }
+
+    /// Loads `models/<id>/manifest.json` after `edit`, from a scratch directory (validation reads no other file).
+    fn load_edited(id: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Result<Manifest> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let text = std::fs::read_to_string(models().join(id).join("manifest.json")).unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        edit(&mut json);
+        let dir = std::env::temp_dir().join(format!("nuwa-manifest-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("manifest.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+        let loaded = Manifest::load(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        loaded
+    }
+
+    fn load_err(id: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        let err = load_edited(id, edit).unwrap_err().to_string();
+        assert!(err.contains("manifest.json"), "the error names the manifest: {err}");
+        err
+    }
+
+    #[test]
+    fn every_shipped_manifest_loads_and_its_pruning_block_is_read() {
+        let mut seen = 0;
+        for entry in std::fs::read_dir(models()).unwrap() {
+            let dir = entry.unwrap().path();
+            if !dir.join("manifest.json").is_file() {
+                continue;
+            }
+            let m = Manifest::load(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            let p = m.pruning.as_ref().unwrap_or_else(|| panic!("{}: pruning block", dir.display()));
+            assert_eq!(p.stage2_layer, m.decoder.split_layer);
+            assert_eq!(p.fastv_layer, Some(m.decoder.head_end()));
+            seen += 1;
+        }
+        assert!(seen >= 3, "{seen} manifests");
+    }
+
+    #[test]
+    fn misspelled_keys_are_refused_in_every_section() {
+        // Before, only `image` refused unknown keys: `"ofset": 64` loaded the table from offset 0.
+        type Section = fn(&mut serde_json::Value) -> &mut serde_json::Value;
+        let sections: [(&str, Section); 11] = [
+            ("top level", |m| m),
+            ("vision", |m| &mut m["vision"]),
+            ("projector", |m| &mut m["projector"]),
+            ("embeddings", |m| &mut m["embeddings"]),
+            ("decoder", |m| &mut m["decoder"]),
+            ("decoder.head", |m| &mut m["decoder"]["head"]),
+            ("decoder.middle[0]", |m| &mut m["decoder"]["middle"][0]),
+            ("decoder.tail", |m| &mut m["decoder"]["tail"]),
+            ("tokenizer", |m| &mut m["tokenizer"]),
+            ("prompt", |m| &mut m["prompt"]),
+            ("pruning", |m| &mut m["pruning"]),
+        ];
+        for (section, at) in sections {
+            let err = load_err("tiny-llava-dinov2", |m| {
+                at(m).as_object_mut().unwrap().insert("ofset".into(), 64.into());
+            });
+            assert!(err.contains("unknown field `ofset`"), "{section}: {err}");
+        }
+        let err = load_err("tiny-llava-clip", |m| {
+            let e = m["embeddings"].as_object_mut().unwrap();
+            let offset = e.remove("offset").unwrap();
+            e.insert("ofset".into(), offset);
+        });
+        assert!(err.contains("unknown field `ofset`") && err.contains("`offset`"), "{err}");
+    }
+
+    #[test]
+    fn a_pruning_block_that_disagrees_with_the_decoder_is_refused() {
+        let err = load_err("tiny-llava-dinov2", |m| m["pruning"]["stage2_layer"] = 2.into());
+        assert!(err.contains("pruning.stage2_layer 2 differs from decoder.split_layer 3"), "{err}");
+        let err = load_err("tiny-llava-dinov2", |m| m["pruning"]["fastv_layer"] = 2.into());
+        assert!(err.contains("pruning.fastv_layer 2") && err.contains("layer 1"), "{err}");
+        // Without a middle segment FastV's cut is the split itself.
+        let err = load_err("tiny-llava-clip", |m| m["pruning"]["fastv_layer"] = 1.into());
+        assert!(err.contains("pruning.fastv_layer 1") && err.contains("layer 2"), "{err}");
+        // The block is optional, and so is its fastv_layer.
+        assert!(load_edited("tiny-llava-clip", |m| {
+            m.as_object_mut().unwrap().remove("pruning");
+        })
+        .unwrap()
+        .pruning
+        .is_none());
+        let m = load_edited("tiny-llava-dinov2", |m| {
+            m["pruning"].as_object_mut().unwrap().remove("fastv_layer");
+        })
+        .unwrap();
+        assert_eq!(m.pruning.map(|p| (p.stage2_layer, p.fastv_layer)), Some((3, None)));
+    }
+
+    #[test]
+    fn an_absurd_decoder_layer_count_is_refused_before_any_graph_is_opened() {
+        // Before, the decoder loader built 4 x 2e8 tensor names for the tail and the process aborted.
+        let err = load_err("tiny-llava-clip", |m| m["decoder"]["num_layers"] = 200_000_000.into());
+        assert!(err.contains("decoder.num_layers") && err.contains("4096") && err.contains("200000000"), "{err}");
+        load_edited("tiny-llava-clip", |m| {
+            m["decoder"]["num_layers"] = MAX_DECODER_LAYERS.into();
+            m["pruning"].as_object_mut().unwrap().remove("fastv_layer");
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn image_values_that_preprocessing_refuses_are_refused_at_load() {
+        // Before, a negative std loaded and every request then failed with an image error naming no manifest.
+        for (field, value, needle) in [
+            ("std", serde_json::json!([-0.229, 0.224, 0.225]), "image.std"),
+            ("std", serde_json::json!([0.0, 0.224, 0.225]), "image.std"),
+            ("rescale", serde_json::json!(-1.0), "image.rescale"),
+        ] {
+            let err = load_err("tiny-llava-clip", |m| m["image"][field] = value);
+            assert!(err.contains(needle), "{field}: {err}");
+        }
     }
 }

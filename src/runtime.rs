@@ -364,9 +364,19 @@ impl OpenedSession {
     }
 
     /// Checks that the graph declares these inputs and outputs with compatible types and dimensions.
+    /// A graph input outside `inputs` is refused too: the runtime feeds exactly these, so every request would fail
+    /// inside ONNX Runtime on the missing one.
     pub fn validate(&self, inputs: &[Expect<'_>], outputs: &[Expect<'_>]) -> Result<()> {
         for e in inputs {
             self.check(self.session.inputs(), "input", e)?;
+        }
+        if let Some(extra) = self.session.inputs().iter().find(|o| !inputs.iter().any(|e| e.name == o.name())) {
+            let fed: Vec<&str> = inputs.iter().map(|e| e.name).collect();
+            return Err(self.err(format!(
+                "{} graph has an input {:?} that the runtime does not feed (it feeds {fed:?}): not an export of this manifest?",
+                self.stage,
+                extra.name()
+            )));
         }
         for e in outputs {
             self.check(self.session.outputs(), "output", e)?;

@@ -190,6 +190,9 @@ fn manifest_fields_that_describe_an_impossible_model_are_rejected() {
         // Products that wrapped in release passed the size check: 2^63 + 9 rows of 14 px "matched" the image.
         ("vision", "grid_h", (1i64 << 62) + 9, "has more than"),
         ("decoder", "max_position_embeddings", 1i64 << 40, "max_position_embeddings 1099511627776 is above"),
+        // Before: the loaders built 2e8 names per tensor before a graph could refuse, and the process aborted.
+        ("decoder", "num_layers", 200_000_000, "decoder.num_layers must lie in [2, 4096]"),
+        ("pruning", "stage2_layer", 1, "pruning.stage2_layer 1 differs from decoder.split_layer"),
     ] {
         let dir = scratch("impossible");
         copy_model(&dir);
@@ -228,6 +231,68 @@ fn malformed_manifest_is_rejected() {
     assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["manifest.json"]);
     edit_manifest_raw(&dir, "{\"format_version\": 1}");
     assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["missing field"]);
+}
+
+#[test]
+fn manifest_keys_the_runtime_does_not_know_are_refused_by_name() {
+    // Before: "ofset" was ignored, the table read from offset 0, and the model answered garbage without an error.
+    for (section, key) in [("embeddings", "ofset"), ("decoder", "kv_dtyp"), ("vision", "fp32_fil"), ("pruning", "stage_2_layer")] {
+        let dir = scratch("unknown-key");
+        copy_model(&dir);
+        edit_manifest(&dir, |m| m[section][key] = serde_json::json!(64));
+        assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["manifest.json", "unknown field", key]);
+    }
+    // The informative blocks stay free-form.
+    let dir = scratch("known-free-form");
+    copy_model(&dir);
+    edit_manifest(&dir, |m| {
+        m["source"]["note"] = serde_json::json!("anything");
+        m["quantization"]["note"] = serde_json::json!("anything");
+    });
+    let out = run_with(&dir, &example_image(), "What is this?");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn image_settings_a_request_would_refuse_are_a_manifest_error_at_load() {
+    // Before: the manifest loaded and every request failed with a message that did not name it.
+    let dir = scratch("negative-std");
+    copy_model(&dir);
+    edit_manifest(&dir, |m| m["image"]["std"][0] = serde_json::json!(-0.229));
+    assert_fails(&nuwa(&["info", "--model", dir.to_str().expect("utf8")]), &["manifest.json", "image.std"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn an_embedding_table_that_is_a_fifo_is_refused_not_waited_on() {
+    let dir = scratch("fifo-embed");
+    copy_model_from(&root().join("models/tiny-llava-dinov2"), &dir);
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).expect("read")).expect("json");
+    let name = m["embeddings"]["file"].as_str().expect("file").to_string();
+    std::fs::remove_file(dir.join(&name)).expect("rm");
+    assert!(Command::new("mkfifo").arg(dir.join(&name)).status().expect("mkfifo").success());
+    // Before: File::open blocked until a writer came.
+    assert_fails(&nuwa(&["info", "--model", dir.to_str().expect("utf8")]), &[&name, "not a regular file"]);
+}
+
+#[test]
+fn a_non_finite_value_in_an_f16_table_is_an_error_not_a_chosen_token() {
+    let dir = scratch("inf-embed");
+    copy_model_from(&root().join("models/tiny-llava-dinov2"), &dir);
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).expect("read")).expect("json");
+    let e = &m["embeddings"];
+    assert_eq!(e["dtype"], "f16");
+    let (name, cols, offset) = (e["file"].as_str().expect("file"), e["cols"].as_u64().expect("cols"), e["offset"].as_u64().unwrap_or(0));
+    let path = dir.join(name);
+    let mut bytes = std::fs::read(&path).expect("read");
+    // +inf in every row's first column: whatever token is looked up or scored meets one.
+    let rows = (bytes.len() as u64 - offset) / (2 * cols);
+    for r in 0..rows {
+        let at = (offset + r * 2 * cols) as usize;
+        bytes[at..at + 2].copy_from_slice(&half::f16::INFINITY.to_bits().to_le_bytes());
+    }
+    std::fs::write(&path, bytes).expect("write");
+    assert_fails(&run_with(&dir, &example_image(), "What is this?"), &[name, "must be finite"]);
 }
 
 fn edit_manifest_raw(dir: &Path, text: &str) {
@@ -438,4 +503,85 @@ fn a_manifest_that_is_not_a_regular_file_is_refused_unread() {
     std::fs::remove_file(dir.join("manifest.json")).expect("rm");
     std::os::unix::fs::symlink("/dev/zero", dir.join("manifest.json")).expect("symlink");
     assert_fails(&run_with(&dir, &example_image(), "What is this?"), &["manifest.json", "not a regular file"]);
+}
+
+/// Reads a protobuf varint at `*at`, advancing past it.
+fn varint(bytes: &[u8], at: &mut usize) -> u64 {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = bytes[*at];
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    v
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// `model` (an ONNX ModelProto) with one more graph input, `extra`: f32 [1], consumed by no node.
+fn with_extra_graph_input(model: &[u8]) -> Vec<u8> {
+    // ValueInfoProto { name: "extra", type: TypeProto { tensor_type { elem_type: FLOAT, shape { dim { dim_value: 1 } } } } }
+    let value_info = [&[0x0a, 5][..], b"extra", &[0x12, 10, 0x0a, 8, 0x08, 1, 0x12, 4, 0x0a, 2, 0x08, 1]].concat();
+    let mut out = Vec::with_capacity(model.len() + 32);
+    let mut at = 0;
+    while at < model.len() {
+        let start = at;
+        let key = varint(model, &mut at);
+        match key & 7 {
+            0 => {
+                varint(model, &mut at);
+            }
+            1 => at += 8,
+            5 => at += 4,
+            2 => {
+                let len = varint(model, &mut at) as usize;
+                if key >> 3 == 7 {
+                    // ModelProto.graph: GraphProto.input is field 11 (repeated; appended last is fine).
+                    let mut graph = model[at..at + len].to_vec();
+                    graph.push(11 << 3 | 2);
+                    put_varint(&mut graph, value_info.len() as u64);
+                    graph.extend_from_slice(&value_info);
+                    put_varint(&mut out, key);
+                    put_varint(&mut out, graph.len() as u64);
+                    out.extend_from_slice(&graph);
+                    at += len;
+                    continue;
+                }
+                at += len;
+            }
+            w => panic!("unexpected wire type {w} in the ModelProto"),
+        }
+        out.extend_from_slice(&model[start..at]);
+    }
+    out
+}
+
+#[test]
+fn graphs_with_an_input_the_runtime_does_not_feed_are_refused_at_load() {
+    // Before, the vision tower and the projector loaded whatever inputs their graphs had beyond the one the runtime
+    // feeds, and every request then failed inside ONNX Runtime.
+    let dir = scratch("vision-extra-input");
+    copy_model(&dir);
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).expect("read")).expect("json");
+    let vision = dir.join(m["vision"]["file"].as_str().expect("vision.file"));
+    std::fs::write(&vision, with_extra_graph_input(&std::fs::read(&vision).expect("read"))).expect("write");
+    let out = nuwa(&["info", "--model", dir.to_str().expect("utf8")]);
+    assert_fails(&out, &["vision", "input \"extra\"", "does not feed"]);
+    // A projector file whose graph takes more than the projected tokens (here the decoder head: same widths).
+    let dir = scratch("projector-extra-input");
+    copy_model(&dir);
+    edit_manifest(&dir, |m| {
+        m["projector"] = serde_json::json!({"file": m["decoder"]["head"]["file"], "input": "inputs_embeds", "output": "hidden_states"});
+    });
+    let out = nuwa(&["info", "--model", dir.to_str().expect("utf8")]);
+    assert_fails(&out, &["projector", "position_ids", "does not feed"]);
 }
