@@ -37,20 +37,13 @@ impl std::fmt::Debug for Embeddings {
 impl Embeddings {
     /// Maps the table described by `spec` from `path`, checking that the file is large enough.
     pub fn open(path: &Path, spec: &EmbeddingSpec) -> Result<Self> {
-        // Before opening: opening a FIFO blocks, and a device has no size to check.
-        match std::fs::metadata(path) {
-            Ok(m) if !m.is_file() => {
-                return Err(Error::ModelFile {
-                    path: path.to_path_buf(),
-                    message: "the embedding table (manifest field embeddings.file) is not a regular file".into(),
-                })
-            }
-            _ => {}
-        }
-        let file = File::open(path).map_err(|e| Error::ModelFile {
+        let cannot_open = |e: std::io::Error| Error::ModelFile {
             path: path.to_path_buf(),
             message: format!("cannot open the embedding table (manifest field embeddings.file): {e}"),
-        })?;
+        };
+        // Before opening: opening a FIFO blocks, and a device has no size to check.
+        crate::manifest::regular_file_metadata(path).map_err(cannot_open)?;
+        let file = File::open(path).map_err(cannot_open)?;
         let overflow = || Error::ModelFile { path: path.to_path_buf(), message: "embedding table size overflows".into() };
         let row_bytes = spec.dtype.checked_row_bytes(spec.cols).ok_or_else(overflow)?;
         let need = (spec.rows as u64)

@@ -351,16 +351,23 @@ pub fn layer_name(template: &str, layer: usize) -> String {
     template.replacen("%d", &layer.to_string(), 1)
 }
 
+/// The metadata of `path`, which must be a regular file: anything else (a FIFO, whose opening blocks; a device; a
+/// directory) is an `InvalidInput` error saying so, found without opening it.
+pub(crate) fn regular_file_metadata(path: &Path) -> std::io::Result<std::fs::Metadata> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    Ok(meta)
+}
+
 /// Reads a file of at most `cap` bytes. One that is not a regular file is refused before it is opened (opening a
 /// FIFO blocks; a device such as /dev/zero never ends), and a larger one before it is read; the refusals are
 /// `InvalidInput` errors saying why.
 pub(crate) fn read_bounded(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
     use std::io::{Error as IoError, ErrorKind, Read};
     let refuse = |why: String| IoError::new(ErrorKind::InvalidInput, why);
-    let meta = std::fs::metadata(path)?;
-    if !meta.is_file() {
-        return Err(refuse("not a regular file".into()));
-    }
+    let meta = regular_file_metadata(path)?;
     if meta.len() > cap {
         return Err(refuse(format!("{} bytes; at most {cap} are read", meta.len())));
     }

@@ -210,9 +210,7 @@ pub fn evaluate_sweep_from(
     mut on_item: impl FnMut(usize, ItemEvent<'_>),
 ) -> Result<Vec<RunResult>> {
     let v = &model.manifest().vision;
-    for prune in settings {
-        prune.resolve(v.grid_h, v.grid_w)?;
-    }
+    check_settings(model.manifest(), settings)?;
     if max_new_tokens == 0 {
         return Err(Error::InvalidRequest("--max-tokens must be at least 1".into()));
     }
