@@ -311,7 +311,14 @@ fn sweep_specs() {
             assert!(all.iter().any(|c| label(c) == format!("{name}:{b}")), "{name}:{b}");
         }
     }
-    assert!(all.iter().all(|c| c.seed == 9 && c.positions == Some(PositionPolicy::Original)));
+    // A --positions given with the sweep reaches every pruned row; the unpruned row has nothing to renumber, and
+    // every row resolves (before, none carried it, which a request now refuses).
+    assert!(all.iter().all(|c| c.seed == 9));
+    assert_eq!(all[0].positions, None);
+    assert!(all[1..].iter().all(|c| c.positions == Some(PositionPolicy::Original)));
+    for c in &all {
+        c.resolve(24, 24).unwrap_or_else(|e| panic!("{}: {e}", label(c)));
+    }
     let s = parse_sweep(" nuwa:64 ; fastv ;nuwa:64;none", &t).expect("spec");
     assert_eq!(s.iter().map(label).collect::<Vec<_>>(), ["none", "nuwa:64", "fastv:64", "fastv:128", "fastv:192"]);
     assert_eq!(s[1].amount, Amount::Budget(64));
@@ -350,6 +357,9 @@ fn sweep_specs() {
     assert_eq!(s.iter().map(label).collect::<Vec<_>>(), ["none", "nuwa:64", "visionzip:64"]);
     for (bad, needle) in [
         ("none:64", "none takes no budgets"),
+        // Before, `none+positions=contiguous` was taken for `none` (same label) and the option dropped.
+        ("none+positions=contiguous", "none takes no options"),
+        ("none+pillar=0", "none takes no options"),
         ("nuwa:6x", "not a number"),
         ("nuwa:", "not a number"),
         ("fast:64", "unknown pruning method"),

@@ -247,7 +247,7 @@ fn cli_rejects_unknown_methods_and_invalid_budgets() {
     let model_dir = root().join("models/tiny-llava-clip");
     let img = root().join("examples/coco-000000000139.jpg");
     let base = ["run", "--model", model_dir.to_str().expect("utf8"), "--image", img.to_str().expect("utf8"), "--prompt", "Hi"];
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 12] = [
         (&["--prune", "fastest", "--budget", "64"], "unknown pruning method"),
         (&["--prune", "nuwa", "--budget", "50"], "64, 128 and 192"),
         (&["--prune", "nuwa"], "--budget"),
@@ -260,6 +260,9 @@ fn cli_rejects_unknown_methods_and_invalid_budgets() {
         (&["--prune", "fastv", "--budget", "64", "--stage2-select", "random"], "Nüwa options"),
         (&["--prune", "random", "--budget", "64", "--no-region-separation"], "Nüwa options"),
         (&["--prune", "nuwa", "--budget", "64", "--stage2-select", "best"], "unknown Stage-2 selection"),
+        // Nothing pruned, nothing to renumber: before, the option was accepted and had no effect.
+        (&["--positions", "contiguous"], "needs a pruning method"),
+        (&["--prune", "none", "--positions", "original"], "needs a pruning method"),
     ];
     for (extra, needle) in cases {
         let args: Vec<&str> = base.iter().chain(extra).copied().collect();

@@ -332,6 +332,8 @@ pub fn parse_sweep(spec: &str, template: &PruneConfig) -> Result<Vec<PruneConfig
     let make = |method, amount| PruneConfig {
         method,
         amount,
+        // A `--positions` given with the sweep applies to the pruned rows; the unpruned one has nothing to renumber.
+        positions: if method == Method::None { None } else { template.positions },
         pillar_quantile: None,
         contextual: None,
         regions: None,
@@ -349,6 +351,9 @@ pub fn parse_sweep(spec: &str, template: &PruneConfig) -> Result<Vec<PruneConfig
         };
         let (name, options) = name.split_once('+').unwrap_or((name, ""));
         let method: Method = name.trim().parse()?;
+        if method == Method::None && !options.trim().is_empty() {
+            return Err(Error::InvalidRequest(format!("sweep entry {entry:?}: none takes no options")));
+        }
         let amounts: Vec<Amount> = match (method, budgets) {
             (Method::None, None) => vec![Amount::All],
             (Method::None, Some(_)) => {

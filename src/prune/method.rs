@@ -256,6 +256,13 @@ impl PruneConfig {
             return Err(Error::InvalidRequest(format!("contextual tokens are a VisionZip option, not one of {}", self.method)));
         }
         if self.method == Method::None {
+            // Nothing is pruned, so a position convention would have no effect: refused rather than ignored.
+            if let Some(p) = self.positions {
+                return Err(Error::InvalidRequest(format!(
+                    "--positions {} renumbers kept visual tokens and needs a pruning method (--prune METHOD other than none)",
+                    if p == PositionPolicy::Original { "original" } else { "contiguous" }
+                )));
+            }
             if self.amount != Amount::All {
                 return Err(Error::InvalidRequest("--budget/--keep1/--keep2 need a pruning method (--prune METHOD other than none)".into()));
             }
@@ -439,6 +446,18 @@ mod tests {
         assert_eq!((r.stage1, r.stage2, r.positions), (Some(64), None, PositionPolicy::Contiguous));
         let r = cfg(Method::FastV, Amount::Budget(128)).resolve(24, 24).expect("resolve");
         assert_eq!((r.stage1, r.stage2), (None, Some(32)));
+    }
+
+    #[test]
+    fn a_position_convention_without_pruning_is_refused_not_ignored() {
+        for p in [PositionPolicy::Original, PositionPolicy::Contiguous] {
+            let c = PruneConfig { positions: Some(p), ..cfg(Method::None, Amount::All) };
+            let e = c.resolve(24, 24).expect_err("none with --positions");
+            assert!(e.to_string().contains("--positions") && e.to_string().contains("pruning method"), "{e}");
+        }
+        // A budget that prunes nothing is still a pruning request: the convention is legal there (and idle).
+        let c = PruneConfig { positions: Some(PositionPolicy::Contiguous), ..cfg(Method::Nuwa, Amount::Budget(576)) };
+        assert_eq!(c.resolve(24, 24).expect("resolve").stage1, None);
     }
 
     #[test]
