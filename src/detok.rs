@@ -7,7 +7,9 @@
 //! context-dependent decoders (leading-space stripping, byte fallback) consistent with a full decode, so the
 //! concatenation of every emitted piece plus [`StreamDecoder::finish`] equals `tokenizer.decode(ids, true)`.
 //! Special tokens, which that decode skips, never enter the window: a run of them (a model looping on a control
-//! token) costs the same per token as any other, instead of re-decoding a window that grows with each.
+//! token) costs the same per token as any other, instead of re-decoding a window that grows with each. Nor does a
+//! run of text that keeps ending in a real U+FFFD hold the window open: after a few ids it is emitted up to a cut
+//! that cannot split a character.
 
 use std::sync::Arc;
 
@@ -16,6 +18,11 @@ use tokenizers::Tokenizer;
 use crate::error::{Error, Result};
 
 const REPLACEMENT: char = '\u{FFFD}';
+
+/// Ids pushed since the last piece after which text that still ends in U+FFFD is emitted up to a safe cut: a model
+/// that keeps producing a real U+FFFD (the character itself, or bytes that are not UTF-8) would otherwise hold
+/// every later piece back and re-decode a window that grows with each id.
+const MAX_PENDING: usize = 8;
 
 /// Turns generated token ids into text pieces as soon as they are complete UTF-8.
 #[derive(Clone)]
@@ -88,6 +95,29 @@ impl StreamDecoder {
                 return Ok(Some(piece));
             }
             // The window's text was rewritten by the decoder (rare); wait for more context or `finish`.
+        }
+        if self.window.len() - self.read_offset > MAX_PENDING {
+            return self.emit_settled(&prefix_text, &new_text);
+        }
+        Ok(None)
+    }
+
+    /// Emits the pending text up to the latest cut that cannot split a character, when the text keeps ending in
+    /// U+FFFD. A character has at most 4 bytes and every id in the window decodes to at least one, so a character
+    /// still incomplete at the end of the window began in its last 3 ids. A cut before those whose text is a prefix
+    /// of the whole window's text therefore ends on a character boundary: a character that straddled it would be
+    /// complete in the whole text and a U+FFFD in the cut's. The pieces still concatenate to the full decode.
+    fn emit_settled(&mut self, prefix_text: &str, new_text: &str) -> Result<Option<String>> {
+        for cut in (self.read_offset + 1..=self.window.len() - 3).rev() {
+            let text = self.decode(&self.window[self.prefix_offset..cut])?;
+            if text.len() > prefix_text.len() && new_text.starts_with(text.as_str()) {
+                if let Some(piece) = text.strip_prefix(prefix_text) {
+                    let piece = piece.to_owned();
+                    self.prefix_offset = self.read_offset;
+                    self.read_offset = cut;
+                    return Ok(Some(piece));
+                }
+            }
         }
         Ok(None)
     }
@@ -260,7 +290,44 @@ mod tests {
         assert_eq!(t.decode(d.ids(), true).unwrap(), "abc");
     }
 
+    #[test]
+    fn a_run_of_real_replacement_characters_streams_in_bounded_windows() {
+        let t = tokenizer();
+        let fffd = [0xEFu32, 0xBF, 0xBD];
+        let mut ids = encode(&t, "a");
+        let mut d = StreamDecoder::new(t.clone());
+        let mut pieces: Vec<String> = d.push(ids[0]).unwrap().into_iter().collect();
+        // Before, nothing came out after "a" and each id re-decoded the whole run: quadratic in its length.
+        for _ in 0..1000 {
+            for id in fffd {
+                ids.push(id);
+                pieces.extend(d.push(id).unwrap());
+                assert!(d.window.len() - d.prefix_offset <= 2 * MAX_PENDING + 4, "window {}", d.window.len() - d.prefix_offset);
+            }
+        }
+        assert!(pieces.len() > 300, "{} pieces", pieces.len());
+        // Bytes that are not UTF-8 (a lone continuation byte, a lead byte cut off by ASCII) are real U+FFFDs too.
+        for id in [0x80, 0x80, 0xE2, u32::from(b'b'), 0xF0, 0x9F, 0x99, 0x82] {
+            ids.push(id);
+            pieces.extend(d.push(id).unwrap());
+        }
+        let rest = d.finish().unwrap();
+        let full = t.decode(&ids, true).unwrap();
+        assert_eq!(pieces.concat() + &rest, full);
+        assert!(full.starts_with('a') && full.ends_with("b🙂") && full.chars().filter(|&c| c == REPLACEMENT).count() == 1003);
+    }
+
     proptest! {
+        /// Any byte sequence, valid UTF-8 or not (the model picks tokens, not characters).
+        #[test]
+        fn arbitrary_bytes_stream_as_the_full_decode(bytes in proptest::collection::vec(
+            prop_oneof![any::<u8>(), Just(0xEFu8), Just(0xBF), Just(0xBD), 0x80u8..0xC0, 0xC2u8..0xF5], 0..48)) {
+            let t = tokenizer();
+            let ids: Vec<u32> = bytes.iter().map(|&b| u32::from(b)).collect();
+            let (pieces, rest) = stream(&t, &ids);
+            prop_assert_eq!(pieces.concat() + &rest, t.decode(&ids, true).unwrap());
+        }
+
         #[test]
         fn special_ids_anywhere_stream_as_the_full_decode(text in "[a-z世界🙂 ]{0,12}", at in proptest::collection::vec(0usize..16, 0..4)) {
             let t = tokenizer();
