@@ -107,8 +107,10 @@ impl StreamDecoder {
     /// still incomplete at the end of the window began in its last 3 ids. A cut before those whose text is a prefix
     /// of the whole window's text therefore ends on a character boundary: a character that straddled it would be
     /// complete in the whole text and a U+FFFD in the cut's. The pieces still concatenate to the full decode.
+    /// Of any 4 consecutive cuts at most 3 fall inside one character, so 4 are tried: a constant cost per id even
+    /// where none qualifies (a decoder that rewrote the window's text).
     fn emit_settled(&mut self, prefix_text: &str, new_text: &str) -> Result<Option<String>> {
-        for cut in (self.read_offset + 1..=self.window.len() - 3).rev() {
+        for cut in (self.read_offset + 1..=self.window.len() - 3).rev().take(4) {
             let text = self.decode(&self.window[self.prefix_offset..cut])?;
             if text.len() > prefix_text.len() && new_text.starts_with(text.as_str()) {
                 if let Some(piece) = text.strip_prefix(prefix_text) {
