@@ -171,10 +171,8 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage> {
         .into_dimensions()
         .map_err(|e| image_error("cannot decode image header", e))?;
     limits.check(width, height)?;
-    if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        return Err(Error::Image(format!(
-            "JPEG data ({width}x{height} px) is truncated: no end-of-image marker after the last scan"
-        )));
+    if format == image::ImageFormat::Jpeg {
+        check_jpeg_whole(bytes).map_err(|why| Error::Image(format!("JPEG data ({width}x{height} px) is truncated or corrupt: {why}")))?;
     }
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_side);
@@ -205,50 +203,338 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage> {
     Ok(decoded.into_rgb8())
 }
 
-/// Whether a JPEG stream reaches its end-of-image marker: walks the marker segments from the start (skipping each
-/// segment by its length, so an EXIF thumbnail inside APP1 is never mistaken for the main image) and each scan's
-/// entropy-coded data to the next marker, and stops at the first end-of-image. Whatever follows it (the video of
-/// a motion photo, vendor trailers) is not looked at.
+/// Whether a JPEG stream is whole: walks the marker segments from the start (skipping each segment by its length,
+/// so an EXIF thumbnail inside APP1 is never mistaken for the main image) and each scan's entropy-coded data to the
+/// next marker, and stops at the first end-of-image. Whatever follows it (the video of a motion photo, vendor
+/// trailers) is not looked at. The scans of a sequential (baseline or extended) Huffman image are decoded far
+/// enough to count their blocks: a scan that ends before its last MCU was cut short, even where an end-of-image
+/// marker follows (a download cut off and "repaired"). Progressive and arithmetic-coded scans are only walked.
 ///
-/// Decoders fill a truncated scan with grey and report success, which would be a silent wrong answer.
-fn jpeg_is_complete(bytes: &[u8]) -> bool {
+/// Decoders fill a missing or broken scan with grey and report success, which would be a silent wrong answer.
+fn check_jpeg_whole(bytes: &[u8]) -> std::result::Result<(), String> {
+    const NO_END: &str = "no end-of-image marker after the last scan";
     if !bytes.starts_with(&[0xFF, 0xD8]) {
-        return false;
+        return Err("no start-of-image marker".into());
     }
+    let mut frame: Option<jpeg_scan::Frame> = None;
+    let mut tables = jpeg_scan::Tables::default();
+    let mut scans = 0usize;
     let mut at = 2;
     loop {
         // Stray bytes between segments are skipped to the next marker, as libjpeg (with a warning) and the decoder
         // do; fill bytes (0xFF runs) may precede a marker.
-        let Some(rel) = bytes.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)) else { return false };
+        let Some(rel) = bytes.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)) else { return Err(NO_END.into()) };
         at += rel;
         while bytes.get(at) == Some(&0xFF) && bytes.get(at + 1) == Some(&0xFF) {
             at += 1;
         }
-        let (Some(&0xFF), Some(&marker)) = (bytes.get(at), bytes.get(at + 1)) else { return false };
+        let (Some(&0xFF), Some(&marker)) = (bytes.get(at), bytes.get(at + 1)) else { return Err(NO_END.into()) };
         at += 2;
         match marker {
-            0xD9 => return true,
+            0xD9 => return Ok(()),
             // Markers without a length: TEM, RSTn (outside a scan they carry nothing).
             0x01 | 0xD0..=0xD7 => continue,
             _ => {}
         }
-        let Some(len) = bytes.get(at..at + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else { return false };
+        let Some(len) = bytes.get(at..at + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else { return Err(NO_END.into()) };
         if len < 2 {
-            return false;
+            return Err(format!("a segment (marker 0xFF{marker:02X}) has length {len}"));
         }
+        let Some(body) = bytes.get(at + 2..at + len) else { return Err(NO_END.into()) };
         at += len;
+        match marker {
+            0xC0..=0xCF if marker != 0xC4 && marker != 0xC8 && marker != 0xCC => frame = Some(jpeg_scan::Frame::parse(marker, body)?),
+            0xC4 => tables.define_huffman(body)?,
+            0xDD => tables.define_restart_interval(body)?,
+            _ => {}
+        }
         if marker == 0xDA {
+            scans += 1;
+            if let Some(f) = frame.as_ref().filter(|f| f.sequential_huffman && f.height > 0) {
+                at = jpeg_scan::check_scan(f, &tables, body, bytes, at).map_err(|e| format!("scan {scans}: {e}"))?;
+            }
             // Entropy-coded data: 0xFF is followed by 0x00 (a stuffed byte) or RSTn inside it; any other marker ends it.
             loop {
-                let Some(rel) = bytes.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)) else { return false };
+                let Some(rel) = bytes.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)) else { return Err(NO_END.into()) };
                 at += rel;
                 match bytes.get(at + 1) {
-                    None => return false,
+                    None => return Err(NO_END.into()),
                     Some(0x00 | 0xD0..=0xD7) => at += 2,
                     Some(_) => break,
                 }
             }
         }
+    }
+}
+
+/// Counting the MCUs of a sequential Huffman scan without reconstructing pixels (ITU T.81, F.2.2).
+mod jpeg_scan {
+    /// What the frame header says about the block layout.
+    pub(super) struct Frame {
+        /// Baseline or extended sequential, Huffman-coded (SOF0, SOF1): the scans can be counted.
+        pub sequential_huffman: bool,
+        pub width: usize,
+        pub height: usize,
+        /// (component id, horizontal sampling, vertical sampling)
+        pub components: Vec<(u8, usize, usize)>,
+    }
+
+    impl Frame {
+        pub fn parse(marker: u8, body: &[u8]) -> Result<Frame, String> {
+            let bad = || format!("the frame header (marker 0xFF{marker:02X}) is malformed");
+            let (&[_precision, h1, h0, w1, w0, n], rest) = body.split_first_chunk::<6>().ok_or_else(bad)?;
+            let n = usize::from(n);
+            if n == 0 || rest.len() < 3 * n {
+                return Err(bad());
+            }
+            let components = rest[..3 * n]
+                .chunks_exact(3)
+                .map(|c| (c[0], usize::from(c[1] >> 4), usize::from(c[1] & 15)))
+                .collect::<Vec<_>>();
+            if components.iter().any(|&(_, h, v)| !(1..=4).contains(&h) || !(1..=4).contains(&v)) {
+                return Err(format!("the frame header (marker 0xFF{marker:02X}) has a sampling factor outside 1-4"));
+            }
+            Ok(Frame {
+                sequential_huffman: matches!(marker, 0xC0 | 0xC1),
+                width: usize::from(u16::from_be_bytes([w1, w0])),
+                height: usize::from(u16::from_be_bytes([h1, h0])),
+                components,
+            })
+        }
+    }
+
+    /// Bits looked up at once; longer codes are decoded length by length (F.2.2.3).
+    const FAST_BITS: u32 = 9;
+
+    /// A canonical Huffman table.
+    #[derive(Clone)]
+    struct Huffman {
+        /// Per code length 1..=16: the first code, its count, and the index of its first symbol.
+        first: [i32; 17],
+        count: [i32; 17],
+        offset: [usize; 17],
+        symbols: Vec<u8>,
+        /// For each FAST_BITS-bit prefix: (code length, symbol) of the code it starts with, length 0 if longer.
+        fast: Vec<(u8, u8)>,
+    }
+
+    #[derive(Default)]
+    pub(super) struct Tables {
+        dc: [Option<Huffman>; 4],
+        ac: [Option<Huffman>; 4],
+        restart_interval: usize,
+    }
+
+    impl Tables {
+        pub fn define_huffman(&mut self, mut body: &[u8]) -> Result<(), String> {
+            while !body.is_empty() {
+                let bad = || "a Huffman table segment is malformed".to_string();
+                let (&class_id, rest) = body.split_first().ok_or_else(bad)?;
+                let counts = rest.get(..16).ok_or_else(bad)?;
+                let total: usize = counts.iter().map(|&c| usize::from(c)).sum();
+                let symbols = rest.get(16..16 + total).ok_or_else(bad)?.to_vec();
+                let (mut first, mut count, mut offset) = ([0i32; 17], [0i32; 17], [0usize; 17]);
+                let (mut code, mut index) = (0i32, 0usize);
+                for len in 1..=16 {
+                    let c = i32::from(counts[len - 1]);
+                    (first[len], count[len], offset[len]) = (code, c, index);
+                    code = (code + c) << 1;
+                    index += usize::from(counts[len - 1]);
+                }
+                let mut fast = vec![(0u8, 0u8); 1 << FAST_BITS];
+                for len in 1..=FAST_BITS as usize {
+                    for k in 0..count[len] {
+                        let Some(&symbol) = symbols.get(offset[len] + k as usize) else { break };
+                        // Every FAST_BITS-bit prefix that starts with this code.
+                        let shift = FAST_BITS as usize - len;
+                        let base = ((first[len] + k) as usize) << shift;
+                        for e in fast.iter_mut().skip(base).take(1 << shift) {
+                            *e = (len as u8, symbol);
+                        }
+                    }
+                }
+                let table = Huffman { first, count, offset, symbols, fast };
+                let slot = usize::from(class_id & 15);
+                match (class_id >> 4, slot) {
+                    (0, 0..=3) => self.dc[slot] = Some(table),
+                    (1, 0..=3) => self.ac[slot] = Some(table),
+                    _ => return Err(format!("a Huffman table has class/id 0x{class_id:02X}")),
+                }
+                body = &rest[16 + total..];
+            }
+            Ok(())
+        }
+
+        pub fn define_restart_interval(&mut self, body: &[u8]) -> Result<(), String> {
+            let b = body.get(..2).ok_or("the restart interval segment is malformed")?;
+            self.restart_interval = usize::from(u16::from_be_bytes([b[0], b[1]]));
+            Ok(())
+        }
+    }
+
+    /// Entropy-coded bits, with stuffed zero bytes removed; stops at any marker.
+    struct Bits<'a> {
+        data: &'a [u8],
+        /// The next byte not yet in `acc`.
+        pos: usize,
+        /// The low `n` bits are the next bits of the scan.
+        acc: u64,
+        n: u32,
+        /// `pos` is at a marker: no more bits until a restart.
+        marker: bool,
+    }
+
+    impl Bits<'_> {
+        fn refill(&mut self) {
+            while self.n <= 56 && !self.marker {
+                let Some(&b) = self.data.get(self.pos) else {
+                    self.marker = true;
+                    break;
+                };
+                if b == 0xFF {
+                    if self.data.get(self.pos + 1) != Some(&0x00) {
+                        self.marker = true; // the scan's data ends here (or at a restart)
+                        break;
+                    }
+                    self.pos += 1;
+                }
+                self.pos += 1;
+                self.acc = (self.acc << 8) | u64::from(b);
+                self.n += 8;
+            }
+        }
+
+        /// The next `k` bits (zeros past the end of the data).
+        fn peek(&self, k: u32) -> usize {
+            let v = if self.n >= k { self.acc >> (self.n - k) } else { self.acc << (k - self.n) };
+            (v & ((1u64 << k) - 1)) as usize
+        }
+
+        fn consume(&mut self, k: u32) -> Result<(), Stop> {
+            if k > self.n {
+                return Err(Stop::End);
+            }
+            self.n -= k;
+            Ok(())
+        }
+
+        /// The next symbol of table `t`, with the `extra(symbol)` value bits after its code skipped.
+        fn symbol(&mut self, t: &Huffman, extra: impl Fn(u8) -> u8) -> Result<u8, Stop> {
+            // A code and its value bits are at most 32 bits.
+            if self.n < 32 {
+                self.refill();
+            }
+            let (len, symbol) = t.fast[self.peek(FAST_BITS)];
+            if len > 0 {
+                self.consume(u32::from(len) + u32::from(extra(symbol)))?;
+                return Ok(symbol);
+            }
+            for len in FAST_BITS as usize + 1..=16 {
+                let k = self.peek(len as u32) as i32 - t.first[len];
+                if k < t.count[len] {
+                    let symbol = t.symbols.get(t.offset[len] + k as usize).copied().ok_or(Stop::Corrupt("a Huffman table is short"))?;
+                    self.consume(len as u32 + u32::from(extra(symbol)))?;
+                    return Ok(symbol);
+                }
+            }
+            // Past the end of the data, the zeros may form no code: the data ended, it is not corrupt.
+            if self.n < 16 {
+                return Err(Stop::End);
+            }
+            Err(Stop::Corrupt("a code matches no Huffman table entry"))
+        }
+
+        /// Past a restart marker (byte-aligned, fill bytes allowed), or None where there is none.
+        fn restart(&mut self) -> Option<()> {
+            (self.acc, self.n, self.marker) = (0, 0, false);
+            let mut p = self.pos;
+            while self.data.get(p) == Some(&0xFF) && self.data.get(p + 1) == Some(&0xFF) {
+                p += 1;
+            }
+            match (self.data.get(p), self.data.get(p + 1)) {
+                (Some(0xFF), Some(0xD0..=0xD7)) => {
+                    self.pos = p + 2;
+                    Some(())
+                }
+                _ => None,
+            }
+        }
+    }
+
+    enum Stop {
+        End,
+        Corrupt(&'static str),
+    }
+
+    fn block(bits: &mut Bits, dc: &Huffman, ac: &Huffman) -> Result<(), Stop> {
+        // A DC symbol is the size of the difference that follows (at most 16 bits: larger is corrupt).
+        let size = bits.symbol(dc, |s| s.min(16))?;
+        if size > 16 {
+            return Err(Stop::Corrupt("a DC difference is over 16 bits"));
+        }
+        let mut k = 1;
+        while k < 64 {
+            // An AC symbol is a zero run (high nibble) and the size of the coefficient that follows (low nibble).
+            let rs = bits.symbol(ac, |s| s & 15)?;
+            let (run, size) = (rs >> 4, rs & 15);
+            if size == 0 {
+                if run != 15 {
+                    return Ok(()); // end of block
+                }
+                k += 16;
+                continue;
+            }
+            k += usize::from(run) + 1;
+        }
+        if k > 64 {
+            return Err(Stop::Corrupt("a block has more than 64 coefficients"));
+        }
+        Ok(())
+    }
+
+    /// Decodes the scan whose header is `header` and whose data starts at `bytes[at..]`, and returns where its last
+    /// MCU ended, or why the scan is not whole.
+    pub(super) fn check_scan(f: &Frame, tables: &Tables, header: &[u8], bytes: &[u8], at: usize) -> Result<usize, String> {
+        let bad = || "its header is malformed".to_string();
+        let n = usize::from(*header.first().ok_or_else(bad)?);
+        let selectors = header.get(1..1 + 2 * n).ok_or_else(bad)?;
+        let (hmax, vmax) = f.components.iter().fold((1, 1), |(h, v), c| (h.max(c.1), v.max(c.2)));
+        // Per scan component: its Huffman tables and the blocks it has in one MCU.
+        let mut parts = Vec::with_capacity(n);
+        for s in selectors.chunks_exact(2) {
+            let &(_, h, v) = f.components.iter().find(|c| c.0 == s[0]).ok_or_else(|| format!("it names component {} the frame lacks", s[0]))?;
+            let (dc, ac) = (usize::from(s[1] >> 4), usize::from(s[1] & 15));
+            let (Some(Some(dc)), Some(Some(ac))) = (tables.dc.get(dc), tables.ac.get(ac)) else {
+                return Err("it uses a Huffman table that is not defined".into());
+            };
+            parts.push((dc, ac, h, v));
+        }
+        let div = |a: usize, b: usize| a.div_ceil(b);
+        let (mcus, per_mcu): (usize, Vec<(&Huffman, &Huffman, usize)>) = if let [(dc, ac, h, v)] = parts[..] {
+            // One component: its blocks in raster order, one per MCU (A.2.2).
+            let cols = div(div(f.width * h, hmax), 8);
+            let rows = div(div(f.height * v, vmax), 8);
+            (cols * rows, vec![(dc, ac, 1)])
+        } else {
+            let mcus = div(f.width, 8 * hmax) * div(f.height, 8 * vmax);
+            (mcus, parts.iter().map(|&(dc, ac, h, v)| (dc, ac, h * v)).collect())
+        };
+        let mut bits = Bits { data: bytes, pos: at, acc: 0, n: 0, marker: false };
+        for m in 0..mcus {
+            if m > 0 && tables.restart_interval > 0 && m % tables.restart_interval == 0 && bits.restart().is_none() {
+                return Err(format!("a restart marker is missing before MCU {m} of {mcus}: the data is cut or corrupt"));
+            }
+            for &(dc, ac, blocks) in &per_mcu {
+                for _ in 0..blocks {
+                    match block(&mut bits, dc, ac) {
+                        Ok(()) => {}
+                        Err(Stop::End) => return Err(format!("its data ends after {m} of {mcus} MCUs")),
+                        Err(Stop::Corrupt(why)) => return Err(format!("its data is corrupt at MCU {m} of {mcus}: {why}")),
+                    }
+                }
+            }
+        }
+        Ok(bits.pos)
     }
 }
 

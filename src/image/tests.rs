@@ -22,6 +22,66 @@ fn truncated_jpeg_is_rejected_not_filled_with_grey() {
     }
 }
 
+fn jpeg_variants() -> Vec<(String, Vec<u8>)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/image/jpeg");
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .expect("tests/data/image/jpeg")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .map(|p| (p.file_name().expect("name").to_string_lossy().into_owned(), std::fs::read(&p).expect("read")))
+        .collect();
+    out.sort();
+    let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
+    out.push(("image-rs baseline".into(), encode_jpeg(img)));
+    out
+}
+
+#[test]
+fn a_truncated_jpeg_with_an_end_marker_appended_is_refused() {
+    // A download cut off and "repaired" by appending the end-of-image marker: decoders fill the missing blocks with
+    // grey and report success (the image crate's, strict mode or not). The scan's blocks are counted instead.
+    // Variants from libjpeg (tests/data/image/jpeg/make.py): restart markers every 2 / 3 MCUs and every MCU row,
+    // 4:2:0, 4:2:2, 4:4:4, grey, CMYK, optimised tables, a size that is not a multiple of the MCU.
+    let variants = jpeg_variants();
+    assert_eq!(variants.len(), 7);
+    for (name, jpg) in &variants {
+        decode_image(jpg, &ImageLimits::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        if name == "progressive.jpg" {
+            continue; // only walked: its later scans refine earlier ones (see check_jpeg_whole)
+        }
+        let sos = jpg.windows(2).position(|w| w == [0xFF, 0xDA]).expect("a scan");
+        let data = sos + 2 + usize::from(u16::from_be_bytes([jpg[sos + 2], jpg[sos + 3]]));
+        assert_eq!(&jpg[jpg.len() - 2..], [0xFF, 0xD9], "{name}");
+        // Every cut in the scan's data, each with the end marker appended.
+        for cut in data..jpg.len() - 2 {
+            let mut repaired = jpg[..cut].to_vec();
+            repaired.extend_from_slice(&[0xFF, 0xD9]);
+            let e = decode_image(&repaired, &ImageLimits::default()).expect_err(&format!("{name} cut at {cut} of {}", jpg.len()));
+            assert!(e.to_string().contains("truncated or corrupt: scan 1:"), "{name}: {e}");
+        }
+    }
+}
+
+#[test]
+fn corrupt_jpeg_scan_data_is_refused_not_drawn() {
+    let (_, jpg) = jpeg_variants().into_iter().find(|(n, _)| n == "rst-blocks-420.jpg").expect("variant");
+    let sos = jpg.windows(2).position(|w| w == [0xFF, 0xDA]).expect("a scan");
+    // A restart marker removed: the MCUs after it would be decoded from the wrong bit position.
+    let rst = sos + jpg[sos..].windows(2).position(|w| w[0] == 0xFF && (0xD0..=0xD7).contains(&w[1])).expect("a restart marker");
+    let mut no_rst = jpg.clone();
+    no_rst.drain(rst..rst + 2);
+    let e = decode_image(&no_rst, &ImageLimits::default()).expect_err("missing restart marker");
+    assert!(e.to_string().contains("scan 1:"), "{e}");
+    // A Huffman table that does not match the data (the first, a DC table, with its code counts moved one length
+    // longer): the data reads as a code no table entry has.
+    let dht = jpg.windows(2).position(|w| w == [0xFF, 0xC4]).expect("a table");
+    let mut bad = jpg.clone();
+    let counts = dht + 5;
+    bad[counts..counts + 16].rotate_right(1);
+    let e = decode_image(&bad, &ImageLimits::default()).expect_err("a scan read with the wrong table");
+    assert!(e.to_string().contains("matches no Huffman table entry"), "{e}");
+}
+
 #[test]
 fn stray_bytes_between_jpeg_segments_are_skipped_as_decoders_do() {
     // libjpeg (with a warning) and the decoder skip bytes between segments; the completeness check called such a
