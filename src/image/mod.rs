@@ -219,6 +219,8 @@ fn check_jpeg_whole(bytes: &[u8]) -> std::result::Result<(), String> {
     let mut frame: Option<jpeg_scan::Frame> = None;
     let mut tables = jpeg_scan::Tables::default();
     let mut scans = 0usize;
+    // The ids of the components the scans so far have coded.
+    let mut coded: Vec<u8> = Vec::new();
     let mut at = 2;
     loop {
         // Stray bytes between segments are skipped to the next marker, as libjpeg (with a warning) and the decoder
@@ -231,7 +233,16 @@ fn check_jpeg_whole(bytes: &[u8]) -> std::result::Result<(), String> {
         let (Some(&0xFF), Some(&marker)) = (bytes.get(at), bytes.get(at + 1)) else { return Err(NO_END.into()) };
         at += 2;
         match marker {
-            0xD9 => return Ok(()),
+            0xD9 => {
+                // A sequential image codes each component in one scan: a file cut between two scans (its end marker
+                // appended) would draw the missing components grey.
+                if let Some(f) = frame.as_ref().filter(|f| f.sequential_huffman && f.height > 0) {
+                    if let Some(c) = f.components.iter().find(|c| !coded.contains(&c.0)) {
+                        return Err(format!("the image ends before its component {} is coded in a scan", c.0));
+                    }
+                }
+                return Ok(());
+            }
             // Markers without a length: TEM, RSTn (outside a scan they carry nothing).
             0x01 | 0xD0..=0xD7 => continue,
             _ => {}
@@ -250,6 +261,8 @@ fn check_jpeg_whole(bytes: &[u8]) -> std::result::Result<(), String> {
         }
         if marker == 0xDA {
             scans += 1;
+            let n = usize::from(body.first().copied().unwrap_or(0));
+            coded.extend(body.get(1..1 + 2 * n).unwrap_or_default().chunks_exact(2).map(|s| s[0]));
             if let Some(f) = frame.as_ref().filter(|f| f.sequential_huffman && f.height > 0) {
                 at = jpeg_scan::check_scan(f, &tables, body, bytes, at).map_err(|e| format!("scan {scans}: {e}"))?;
             }

@@ -40,10 +40,11 @@ fn jpeg_variants() -> Vec<(String, Vec<u8>)> {
 fn a_truncated_jpeg_with_an_end_marker_appended_is_refused() {
     // A download cut off and "repaired" by appending the end-of-image marker: decoders fill the missing blocks with
     // grey and report success (the image crate's, strict mode or not). The scan's blocks are counted instead.
-    // Variants from libjpeg (tests/data/image/jpeg/make.py): restart markers every 2 / 3 MCUs and every MCU row,
-    // 4:2:0, 4:2:2, 4:4:4, grey, CMYK, optimised tables, a size that is not a multiple of the MCU.
+    // Variants from libjpeg (tests/data/image/jpeg/make.py): restart markers every 1, 2, 3 MCUs and every MCU row,
+    // 4:2:0, 4:2:2, 4:4:4, grey, CMYK, optimised tables, a size that is not a multiple of the MCU, one scan per
+    // component (a cut between two scans leaves components uncoded, which decoders draw grey).
     let variants = jpeg_variants();
-    assert_eq!(variants.len(), 7);
+    assert_eq!(variants.len(), 9);
     for (name, jpg) in &variants {
         decode_image(jpg, &ImageLimits::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
         if name == "progressive.jpg" {
@@ -57,7 +58,8 @@ fn a_truncated_jpeg_with_an_end_marker_appended_is_refused() {
             let mut repaired = jpg[..cut].to_vec();
             repaired.extend_from_slice(&[0xFF, 0xD9]);
             let e = decode_image(&repaired, &ImageLimits::default()).expect_err(&format!("{name} cut at {cut} of {}", jpg.len()));
-            assert!(e.to_string().contains("truncated or corrupt: scan 1:"), "{name}: {e}");
+            // The reason depends on where the cut falls: in a scan, between scans, inside a later segment.
+            assert!(e.to_string().contains("JPEG data") && e.to_string().contains("truncated or corrupt: "), "{name}: {e}");
         }
     }
 }
