@@ -262,10 +262,12 @@ fn check_jpeg_whole(bytes: &[u8]) -> std::result::Result<(), String> {
         at += len;
         match marker {
             0xC0..=0xCF if marker != 0xC4 && marker != 0xC8 && marker != 0xCC => {
-                // A new frame (a malformed file can hold two): what was kept about the last one no longer applies.
+                // One frame per image (a thumbnail's sits inside its APP segment, skipped above): a second one could
+                // claim other dimensions than those the size limits were checked against.
+                if frame.is_some() {
+                    return Err(format!("a second frame header (marker 0xFF{marker:02X})"));
+                }
                 frame = Some(jpeg_scan::Frame::parse(marker, body)?);
-                progress = jpeg_scan::Progress::default();
-                coded.clear();
             }
             0xC4 => tables.define_huffman(body)?,
             0xDD => tables.define_restart_interval(body)?,

@@ -80,6 +80,17 @@ fn corrupt_jpeg_scan_data_is_refused_not_drawn() {
     bad[counts..counts + 16].rotate_right(1);
     let e = decode_image(&bad, &ImageLimits::default()).expect_err("a scan read with the wrong table");
     assert!(e.to_string().contains("matches no Huffman table entry"), "{e}");
+    // A second frame header, claiming a size far over the limits the first one was checked against: refused
+    // before the block counter sizes anything by it.
+    let sof = jpg.windows(2).position(|w| w == [0xFF, 0xC0]).expect("a frame header");
+    let len = 2 + usize::from(u16::from_be_bytes([jpg[sof + 2], jpg[sof + 3]]));
+    let mut second = jpg[sof..sof + len].to_vec();
+    second[5..9].copy_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF]);
+    let mut two = jpg.clone();
+    two.splice(sof + len..sof + len, second);
+    assert!(decode_image(&two, &ImageLimits::default()).is_err(), "two frame headers");
+    let e = check_jpeg_whole(&two).expect_err("two frame headers");
+    assert!(e.contains("a second frame header"), "{e}");
 }
 
 #[test]
