@@ -1,6 +1,7 @@
 """Writes the small JPEG variants the completeness check is tested on (src/image/tests.rs).
 
-Needs Pillow (libjpeg), which CI does not: the outputs are committed. Run from the repository root:
+Needs Pillow (libjpeg) and jpegtran (Debian: libjpeg-turbo-progs), which CI does not: the outputs are committed.
+Run from the repository root (it rewrites the same bytes):
     python3 tests/data/image/jpeg/make.py
 """
 from pathlib import Path
