@@ -89,7 +89,7 @@ fn corrupt_jpeg_scan_data_is_refused_not_drawn() {
     let mut two = jpg.clone();
     two.splice(sof + len..sof + len, second);
     assert!(decode_image(&two, &ImageLimits::default()).is_err(), "two frame headers");
-    let e = check_jpeg_whole(&two).expect_err("two frame headers");
+    let e = jpeg::check_whole(&two).expect_err("two frame headers");
     assert!(e.contains("a second frame header"), "{e}");
 }
 
