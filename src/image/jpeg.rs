@@ -20,8 +20,6 @@ pub(super) fn check_whole(bytes: &[u8]) -> std::result::Result<(), String> {
     let mut tables = scan::Tables::default();
     let mut progress = scan::Progress::default();
     let mut scans = 0usize;
-    // The ids of the components the scans so far have coded.
-    let mut coded: Vec<u8> = Vec::new();
     let mut at = 2;
     loop {
         // Stray bytes between segments are skipped to the next marker, as libjpeg (with a warning) and the decoder
@@ -35,14 +33,9 @@ pub(super) fn check_whole(bytes: &[u8]) -> std::result::Result<(), String> {
         at += 2;
         match marker {
             0xD9 => {
-                // A sequential image codes each component in one scan: a file cut between two scans (its end marker
-                // appended) would draw the missing components grey.
-                if let Some(f) = frame.as_ref().filter(|f| f.sequential_huffman && f.height > 0) {
-                    if let Some(c) = f.components.iter().find(|c| !coded.contains(&c.0)) {
-                        return Err(format!("the image ends before its component {} is coded in a scan", c.0));
-                    }
-                }
-                if let Some(why) = frame.as_ref().filter(|f| f.progressive && f.height > 0).and_then(|f| progress.incomplete(f)) {
+                // A file cut between two scans (its end marker appended) would draw a component that no scan coded
+                // grey, and a progressive one's unrefined coefficients as a blurred preview.
+                if let Some(why) = frame.as_ref().filter(|f| f.countable()).and_then(|f| progress.incomplete(f)) {
                     return Err(why);
                 }
                 return Ok(());
@@ -72,9 +65,7 @@ pub(super) fn check_whole(bytes: &[u8]) -> std::result::Result<(), String> {
         }
         if marker == 0xDA {
             scans += 1;
-            let n = usize::from(body.first().copied().unwrap_or(0));
-            coded.extend(body.get(1..1 + 2 * n).unwrap_or_default().chunks_exact(2).map(|s| s[0]));
-            if let Some(f) = frame.as_ref().filter(|f| (f.sequential_huffman || f.progressive) && f.height > 0) {
+            if let Some(f) = frame.as_ref().filter(|f| f.countable()) {
                 at = scan::check_scan(f, &tables, &mut progress, body, bytes, at).map_err(|e| format!("scan {scans}: {e}"))?;
             }
             // Entropy-coded data: 0xFF is followed by 0x00 (a stuffed byte) or RSTn inside it; any other marker ends it.
@@ -107,6 +98,12 @@ mod scan {
     }
 
     impl Frame {
+        /// Whether its scans' blocks can be counted: Huffman-coded, with the height in the frame header (not in a
+        /// later DNL segment).
+        pub fn countable(&self) -> bool {
+            (self.sequential_huffman || self.progressive) && self.height > 0
+        }
+
         pub fn parse(marker: u8, body: &[u8]) -> Result<Frame, String> {
             let bad = || format!("the frame header (marker 0xFF{marker:02X}) is malformed");
             let (&[_precision, h1, h0, w1, w0, n], rest) = body.split_first_chunk::<6>().ok_or_else(bad)?;
@@ -135,7 +132,6 @@ mod scan {
     const FAST_BITS: u32 = 9;
 
     /// A canonical Huffman table.
-    #[derive(Clone)]
     struct Huffman {
         /// Per code length 1..=16: the first code, its count, and the index of its first symbol.
         first: [i32; 17],
@@ -421,27 +417,28 @@ mod scan {
         AcRefine(usize, usize),
     }
 
-    /// Per component of a progressive image, per block: the AC coefficients known to be nonzero, which a
-    /// refinement scan sends a correction bit for. Kept from scan to scan.
+    /// What the scans so far have coded, kept from scan to scan.
     #[derive(Default)]
     pub(super) struct Progress {
+        /// Per component of a progressive image, per block: the AC coefficients known to be nonzero, which a
+        /// refinement scan sends a correction bit for.
         nonzero: Vec<Vec<u64>>,
-        /// Per component, per coefficient (zigzag order): the lowest bit position (Al) its scans have coded so far,
-        /// `UNCODED` before any.
+        /// Per component, per coefficient (zigzag order): the lowest bit position (Al) its scans have coded so far
+        /// (0 for all of them once a sequential scan has coded the component), `UNCODED` before any.
         al: Vec<[u8; 64]>,
     }
 
     const UNCODED: u8 = u8::MAX;
 
     impl Progress {
-        /// Why the scans so far do not give every coefficient of every component in full (Al = 0), if they do not:
-        /// a progressive file cut between two scans (its end marker appended) decodes as a blurred or colourless
-        /// preview of the image.
+        /// Why the scans so far do not give every coefficient of every component in full (Al = 0), if they do not.
         pub fn incomplete(&self, f: &Frame) -> Option<String> {
             f.components.iter().enumerate().find_map(|(c, &(id, ..))| {
                 let al = self.al.get(c).copied().unwrap_or([UNCODED; 64]);
                 let k = al.iter().position(|&a| a != 0)?;
-                Some(if al[k] == UNCODED {
+                Some(if al.iter().all(|&a| a == UNCODED) {
+                    format!("the image ends before its component {id} is coded in a scan")
+                } else if al[k] == UNCODED {
                     format!("the image ends before coefficient {k} of component {id} is coded")
                 } else {
                     format!("the image ends before coefficient {k} of component {id} is refined to its last bit")
@@ -534,17 +531,16 @@ mod scan {
                 }
             }
         }
-        if f.progressive {
-            if progress.al.len() != f.components.len() {
-                progress.al = vec![[UNCODED; 64]; f.components.len()];
-            }
-            let band = match pass {
-                Pass::AcFirst(ss, se) | Pass::AcRefine(ss, se) => ss..=se,
-                _ => 0..=0,
-            };
-            for &(c, ..) in &parts {
-                progress.al[c][band.clone()].fill(al);
-            }
+        if progress.al.len() != f.components.len() {
+            progress.al = vec![[UNCODED; 64]; f.components.len()];
+        }
+        let (band, al) = match pass {
+            Pass::Sequential => (0..=63, 0),
+            Pass::AcFirst(ss, se) | Pass::AcRefine(ss, se) => (ss..=se, al),
+            Pass::DcFirst | Pass::DcRefine => (0..=0, al),
+        };
+        for &(c, ..) in &parts {
+            progress.al[c][band.clone()].fill(al);
         }
         Ok(bits.pos)
     }
